@@ -1,0 +1,36 @@
+"""Where modules attach (sites) and the wrapped model that holds them."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from ..modules.config import ModuleConfig
+from .io import load_modules
+from .modular import ModularModel, TrainableParameters
+from .sites import Sites
+
+
+def attach(model: nn.Module, *configs: ModuleConfig, name: str = "default", head: bool | str = False,
+           tokenizer: Any = None) -> ModularModel:
+    """Attach modules to a transformers model (or add a set to a ModularModel).
+
+    The base is frozen and never edited; only the new modules (and the task
+    head copy, with `head=True`) train. `tokenizer` is needed by
+    `Prompt(init="text")` only.
+    """
+    wrapped = model if isinstance(model, ModularModel) else ModularModel(model)
+    return wrapped.add(name, configs, head=head, tokenizer=tokenizer)
+
+
+def from_pretrained(base: nn.Module, directory: str | os.PathLike, strict_base: bool = True) -> ModularModel:
+    """Load modules saved with `save_pretrained` onto `base`.
+
+    Raises IncompatibleModuleError if `base` has another architecture than the
+    one the modules were trained on; warns if only the model name differs.
+    """
+    return load_modules(base, directory, strict_base=strict_base)
+
+
+__all__ = ["ModularModel", "Sites", "TrainableParameters", "attach", "from_pretrained"]

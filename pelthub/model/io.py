@@ -1,0 +1,133 @@
+"""Saving and loading module sets: `pelthub.json` (configs, base model) + `modules.safetensors`.
+
+Only module and head tensors are written; the base model's weights never are.
+Files are written to a temporary name, fsynced and renamed, so a crash leaves
+either the old file or the new one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import IncompatibleModuleError, ModuleFormatError
+from ..modules.base import site_name
+from ..modules.config import config_from_dict
+from .sites import Sites
+
+if TYPE_CHECKING:
+    from .modular import ModularModel
+
+CONFIG_FILE = "pelthub.json"
+WEIGHTS_FILE = "modules.safetensors"
+FORMAT_VERSION = 1
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call write(tmp_path), fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def base_model_info(base: nn.Module) -> dict[str, Any]:
+    """Name, revision when known, and architecture fingerprint of a base model."""
+    config = base.config
+    return {"name": getattr(config, "name_or_path", "") or "", "revision": getattr(config, "_commit_hash", None),
+            "fingerprint": Sites(base).fingerprint()}
+
+
+def describe(model: "ModularModel", **meta: Any) -> dict[str, Any]:
+    return {
+        "format": "pelthub", "format_version": FORMAT_VERSION,
+        "modules": {name: [m.config.to_dict() for m in s.values()] for name, s in model.adapters.items()},
+        "heads": {name: list(h.keys()) for name, h in model.heads.items()},
+        "tasks": list(model.task_names),
+        "base_model": base_model_info(model.base),
+        "trainable_parameters": sum(p.numel() for _, p in model.module_parameters()),
+        **meta,
+    }
+
+
+def save_modules(model: "ModularModel", directory: str | os.PathLike, **meta: Any) -> None:
+    directory = Path(directory)
+    tensors = {name: p.detach().contiguous().cpu() for name, p in model.module_parameters()}
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(describe(model, **meta), indent=2, sort_keys=True)
+    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_description(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise ModuleFormatError(f"{path} not found: a pelthub module directory holds {CONFIG_FILE} and "
+                                f"{WEIGHTS_FILE} (write one with model.save_pretrained(dir))")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModuleFormatError(f"{path} is not valid JSON: {e}") from None
+    for key, kind in (("modules", dict), ("base_model", dict)):
+        if not isinstance(data.get(key), kind):
+            raise ModuleFormatError(f"{path}: field {key!r} is missing or not a {kind.__name__}")
+    return data
+
+
+def check_compatible(info: dict[str, Any], base: nn.Module, where: str) -> None:
+    """Raise if the module's base architecture differs from `base`; warn if only the name does."""
+    here = base_model_info(base)
+    theirs = info.get("fingerprint", {}).get("sha256")
+    if theirs and theirs != here["fingerprint"]["sha256"]:
+        raise IncompatibleModuleError(
+            f"{where} was trained on {info.get('name') or 'a model'!r} ({_arch(info)}) but this base is "
+            f"{here['name'] or type(base).__name__!r} ({_arch(here)}); load it onto the architecture it was "
+            "trained on")
+    if info.get("name") and here["name"] and info["name"] != here["name"]:
+        warnings.warn(f"{where} was trained on {info['name']!r}; loading onto {here['name']!r}, which has the "
+                      "same architecture fingerprint", stacklevel=3)
+
+
+def _arch(info: dict[str, Any]) -> str:
+    f = info.get("fingerprint", {})
+    return f"{f.get('model_type')}, hidden {f.get('hidden')}, {f.get('layers')} layers, fingerprint {str(f.get('sha256'))[:12]}"
+
+
+def load_modules(base: nn.Module, directory: str | os.PathLike, strict_base: bool = True) -> "ModularModel":
+    from .modular import ModularModel
+    data = read_description(directory)
+    model = base if isinstance(base, ModularModel) else ModularModel(base)
+    if strict_base:
+        check_compatible(data["base_model"], model.base, str(directory))
+    model.task_names = list(data.get("tasks", [])) or model.task_names
+    heads = data.get("heads", {})
+    for name, configs in data["modules"].items():
+        head = site_name(heads[name][0]) if heads.get(name) else False
+        model.add(name, [config_from_dict(c) for c in configs], init=False, head=head)
+    weights = Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModuleFormatError(f"{weights} not found")
+    state = load_file(str(weights))
+    own = dict(model.module_parameters())
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ModuleFormatError(f"{weights} does not match its {CONFIG_FILE}: missing {missing[:5]}, "
+                                f"unexpected {unexpected[:5]}")
+    for key, param in own.items():
+        if param.shape != state[key].shape:
+            raise ModuleFormatError(f"{weights}: {key} has shape {tuple(state[key].shape)}, expected {tuple(param.shape)}")
+        param.data.copy_(state[key])
+    return model

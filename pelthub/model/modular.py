@@ -1,0 +1,230 @@
+"""The wrapped model: a frozen base plus named sets of modules.
+
+`ModularModel` never edits the base. Module kinds reach it through hooks and
+parametrisations (installed once, at attach), prompts through `inputs_embeds`
+and prefixes through `past_key_values` (built per call). `detach()` removes
+every hook and parametrisation and restores the `requires_grad` flags, so the
+base computes exactly what it computed before.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, DuplicateNameError, RoutingError
+from ..modules.base import CallContext, Handle, PeltModule, site_key, site_name
+from ..modules.config import ModuleConfig
+from .inputs import add_prefix, input_embeddings, prepend_prompt
+from .sites import Sites
+
+HEAD_NAMES = ("classifier", "score", "classification_head", "qa_outputs", "lm_head")
+
+
+@dataclass(frozen=True)
+class TrainableParameters:
+    """How many parameters train, out of all the wrapped model computes with."""
+
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+
+
+class ModularModel(nn.Module):
+    """A base transformers model with pelthub modules attached.
+
+    Call it like the base model; add `task_ids=` (ints or task names) for
+    routed modules. `adapters[name][kind]` holds the module objects.
+    """
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.sites = Sites(base)
+        self.adapters = nn.ModuleDict()
+        self.heads = nn.ModuleDict()
+        self.ctx = CallContext()
+        self.task_names: list[str] = []
+        self._handles: dict[str, list[Handle]] = {}
+        self._grad_flags = {name: p.requires_grad for name, p in base.named_parameters()}
+        base.requires_grad_(False)
+
+    # ----- building -----
+    def add(self, name: str, configs: Sequence[ModuleConfig], head: bool | str = False,
+            tokenizer: Any = None, init: bool = True) -> "ModularModel":
+        """Attach one named set of modules (one per kind)."""
+        if not name or "." in name or "/" in name:
+            raise ConfigError(f"module name {name!r} must be non-empty without '.' or '/'")
+        if name in self.adapters:
+            raise DuplicateNameError(f"a module set named {name!r} is already attached; "
+                                     "pick another name= or model.remove(name) first")
+        kinds = [c.kind for c in configs]
+        if len(set(kinds)) != len(kinds) or not configs:
+            raise ConfigError(f"one set holds one module per kind (at least one), got kinds {kinds}; "
+                              "attach further modules of a kind under another name=")
+        built = nn.ModuleDict({c.kind: c.build(self.base, self.sites, tokenizer=tokenizer, init=init)
+                               for c in configs})
+        prefixes = [m for m in [*self.modules_of("prefix"), *built.values()] if _provides(m, "prefix")]
+        if len(prefixes) > 1:
+            raise ConfigError("only one module may provide a prefix (past_key_values) at a time")
+        self.adapters[name] = built
+        self._handles[name] = [h for m in built.values() for h in m.install(self.base, self.ctx)]
+        if head:
+            try:
+                self._add_head(name, head)
+            except Exception:
+                self.remove(name)
+                raise
+        return self
+
+    def _add_head(self, name: str, head: bool | str) -> None:
+        """A trainable copy of the base's task head; a hook swaps its output in."""
+        names = [head] if isinstance(head, str) else [n for n in HEAD_NAMES if n in dict(self.base.named_children())]
+        if not names or names[0] not in self.sites.names:
+            raise ConfigError(f"no task head {head!r} on {type(self.base).__name__}; "
+                              f"pass head='<module name>', e.g. one of {list(dict(self.base.named_children()))}")
+        key = site_key(names[0])
+        if any(key in h for h in self.heads.values()):
+            raise DuplicateNameError(f"head {names[0]!r} is already trained by another module set")
+        original = self.base.get_submodule(names[0])
+        trained = copy.deepcopy(original).requires_grad_(True)
+        self.heads[name] = nn.ModuleDict({key: trained})
+        self._handles[name].append(original.register_forward_hook(lambda _m, args, _out: trained(*args)))
+
+    def remove(self, name: str) -> None:
+        """Detach one module set."""
+        if name not in self.adapters:
+            raise KeyError(f"no module set {name!r}; attached: {list(self.adapters)}")
+        for handle in reversed(self._handles.pop(name)):
+            handle.remove()
+        del self.adapters[name]
+        if name in self.heads:
+            del self.heads[name]
+
+    def detach(self) -> nn.Module:
+        """Remove every module and return the base exactly as it was."""
+        for name in list(self.adapters):
+            self.remove(name)
+        for pname, p in self.base.named_parameters():
+            p.requires_grad_(self._grad_flags.get(pname, p.requires_grad))
+        return self.base
+
+    @torch.no_grad()
+    def merge_and_unload(self) -> nn.Module:
+        """Fold every module into the base weights (LoRA, IA3, LN only) and return the base."""
+        modules = [m for s in self.adapters.values() for m in s.values()]
+        for m in modules:
+            if not _provides(m, "merge_into"):
+                m.merge_into(self.base)  # raises the explanatory ConfigError
+        heads = {site_name(k): h for hs in self.heads.values() for k, h in hs.items()}
+        self.detach()
+        for m in modules:
+            m.merge_into(self.base)
+        for name, head in heads.items():
+            self.base.get_submodule(name).load_state_dict(head.state_dict())
+        return self.base
+
+    # ----- running -----
+    @property
+    def config(self) -> Any:
+        return self.base.config
+
+    def modules_of(self, method: str) -> list[PeltModule]:
+        return [m for s in self.adapters.values() for m in s.values() if _provides(m, method)]
+
+    def task_index(self, task_ids: Any, batch: int | None = None) -> torch.Tensor | None:
+        """Task ids as an int64 tensor; names are looked up in `task_names`."""
+        if task_ids is None:
+            return None
+        if isinstance(task_ids, (str, int)):
+            task_ids = [task_ids] * (batch or 1)
+        if isinstance(task_ids, torch.Tensor):
+            ids = task_ids.long()
+        else:
+            try:
+                ids = torch.tensor([self.task_names.index(t) if isinstance(t, str) else int(t) for t in task_ids])
+            except ValueError as e:
+                raise RoutingError(f"unknown task in task_ids: {e}; known tasks: {self.task_names}") from None
+        if len(self.task_names) and (ids.min() < 0 or ids.max() >= len(self.task_names)):
+            raise RoutingError(f"task ids must be in [0, {len(self.task_names)}), got {ids.tolist()}")
+        return ids.to(self.base.device)
+
+    @contextmanager
+    def bind(self, task_ids: Any = None, attention_mask: torch.Tensor | None = None,
+             batch: int | None = None) -> Iterator[None]:
+        """Set the call context for one forward or generate call."""
+        self.ctx.task_ids = self.task_index(task_ids, batch)
+        self.ctx.attention_mask = attention_mask
+        try:
+            yield
+        finally:
+            self.ctx.task_ids = self.ctx.attention_mask = None
+
+    def prepare_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Apply prompts and prefixes to one call's keyword arguments."""
+        prompters, prefixers = self.modules_of("prompt"), self.modules_of("prefix")
+        g = self.sites.geometry
+        if prompters:
+            embeds = input_embeddings(kwargs, self.base.get_input_embeddings())
+            for m in prompters:
+                kwargs = prepend_prompt(kwargs, embeds, m.prompt(embeds, kwargs.get("attention_mask"), self.ctx), g)
+                embeds = kwargs["inputs_embeds"]
+        if prefixers:
+            batch = _batch_size(kwargs)
+            kwargs = add_prefix(kwargs, prefixers[0].prefix(batch, self.ctx), g, batch, self.base.device)
+        return kwargs
+
+    def forward(self, input_ids: torch.Tensor | None = None, task_ids: Any = None, **kwargs: Any) -> Any:
+        if input_ids is not None:
+            kwargs["input_ids"] = input_ids
+        batch = _batch_size(kwargs)
+        with self.bind(task_ids, kwargs.get("attention_mask"), batch):
+            return self.base(**self.prepare_inputs(kwargs))
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 task_ids: Any = None, **kwargs: Any) -> torch.Tensor:
+        """`base.generate` with prompts and prefixes injected once, at the first step.
+
+        Returns the input ids followed by the new tokens for decoder-only models,
+        like transformers does.
+        """
+        from .generation import generate
+        with self.bind(task_ids, attention_mask, input_ids.shape[0]):
+            return generate(self, input_ids, attention_mask, **kwargs)
+
+    def trainable_parameters(self) -> TrainableParameters:
+        own = {id(p): p for p in self.parameters()}
+        trainable = sum(p.numel() for p in own.values() if p.requires_grad)
+        return TrainableParameters(trainable, sum(p.numel() for p in own.values()))
+
+    def module_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) of every module and head: the tensors that are saved."""
+        yield from self.adapters.named_parameters(prefix="adapters")
+        yield from self.heads.named_parameters(prefix="heads")
+
+    def save_pretrained(self, directory: str, **meta: Any) -> None:
+        from .io import save_modules
+        save_modules(self, directory, **meta)
+
+
+def _provides(module: nn.Module, method: str) -> bool:
+    """Whether a module kind overrides one of PeltModule's optional capabilities."""
+    return getattr(type(module), method) is not getattr(PeltModule, method)
+
+
+def _batch_size(kwargs: dict[str, Any]) -> int:
+    for key in ("input_ids", "inputs_embeds"):
+        if kwargs.get(key) is not None:
+            return kwargs[key].shape[0]
+    raise ConfigError("pass input_ids or inputs_embeds")

@@ -1,0 +1,77 @@
+"""(IA)³ (Liu et al. 2022): learned vectors that rescale activations.
+
+    attention targets:   y = l ⊙ (W x)          (e.g. keys and values)
+    feed-forward target: y = W (l ⊙ x)          (the FFN's second projection's input)
+
+The vectors start at one, which is the identity; merging scales the rows (or,
+for feed-forward targets, the columns) of W and is exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..model.sites import Sites, linear_dims
+from .base import CallContext, Handle, PeltModule, is_conv1d, map_input, map_output, site_key, site_name
+from .config import ModuleConfig, targets
+
+
+@dataclass(frozen=True)
+class IA3(ModuleConfig):
+    """Config of (IA)³.
+
+    targets: site roles or module-name suffixes; None = keys, values and the FFN's
+    second projection (GPT-2: the fused c_attn and mlp.c_proj). feedforward: the
+    targets whose *input* is scaled (default the "down" role).
+    """
+
+    kind: ClassVar[str] = "ia3"
+    targets: tuple[str, ...] | None = None
+    feedforward: tuple[str, ...] = ("down",)
+
+    def validate(self) -> None:
+        targets("IA3", self.targets)
+        if not isinstance(self.feedforward, tuple):
+            raise ConfigError(f"IA3.feedforward must be a list of targets, got {self.feedforward!r}")
+
+    def build(self, base: nn.Module, sites: Sites, **_: object) -> "IA3Module":
+        resolved = sites.resolve(self.targets or sites.default_targets("ia3"), linear=True, what="IA3")
+        vectors: dict[str, tuple[bool, int]] = {}
+        for target, names in resolved.items():
+            on_input = target in self.feedforward
+            for name in names:
+                d_in, d_out = linear_dims(sites.names[name])
+                vectors[name] = (on_input, d_in if on_input else d_out)
+        return IA3Module(self, vectors)
+
+
+class IA3Module(PeltModule):
+    def __init__(self, config: IA3, vectors: dict[str, tuple[bool, int]]):
+        super().__init__()
+        self.config = config
+        self.on_input = {site_key(n): inp for n, (inp, _) in vectors.items()}
+        self.scales = nn.ParameterDict({site_key(n): nn.Parameter(torch.ones(size)) for n, (_, size) in vectors.items()})
+
+    def install(self, base: nn.Module, ctx: CallContext) -> list[Handle]:
+        handles = []
+        for key, scale in self.scales.items():
+            module, fn = base.get_submodule(site_name(key)), (lambda t, s=scale: t * s.to(t.dtype))
+            handles.append(map_input(module, fn) if self.on_input[key] else map_output(module, fn))
+        return handles
+
+    @torch.no_grad()
+    def merge_into(self, base: nn.Module) -> None:
+        for key, scale in self.scales.items():
+            module = base.get_submodule(site_name(key))
+            w = module.weight                   # Linear: (out, in); Conv1D: (in, out)
+            out_axis = 1 if is_conv1d(module) else 0
+            if self.on_input[key]:
+                w *= scale.unsqueeze(out_axis).to(w.dtype)
+            else:
+                w *= scale.unsqueeze(1 - out_axis).to(w.dtype)
+                if module.bias is not None:
+                    module.bias *= scale.to(module.bias.dtype)

@@ -1,0 +1,86 @@
+"""LoRA (Hu et al. 2021): a low-rank update added beside a frozen linear layer.
+
+    y = W₀x + (α/r) · B · A · dropout(x),   A ∈ R^{r×in}, B ∈ R^{out×r}
+
+A is kaiming-uniform, B is zero, so a fresh LoRA leaves the model unchanged.
+Works on nn.Linear and GPT-2's Conv1D (weight [in, out], e.g. the fused c_attn).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..model.sites import Sites, linear_dims
+from .base import CallContext, Handle, PeltModule, add_to_output, is_conv1d, site_key, site_name
+from .config import ModuleConfig, positive_int, positive_number, probability, targets
+
+
+@dataclass(frozen=True)
+class LoRA(ModuleConfig):
+    """Config of a LoRA module.
+
+    r: rank of the update. alpha: scale numerator (update scaled by alpha / r).
+    dropout: dropout on the LoRA input. targets: site roles ("q", "k", "v", "o",
+    "up", "down", "gate", "qkv") or module-name suffixes; None = the family's
+    attention query and value projections (GPT-2: the fused c_attn).
+    """
+
+    kind: ClassVar[str] = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] | None = None
+
+    def validate(self) -> None:
+        positive_int("LoRA", "r", self.r)
+        positive_number("LoRA", "alpha", self.alpha)
+        probability("LoRA", "dropout", self.dropout)
+        targets("LoRA", self.targets)
+
+    def build(self, base: nn.Module, sites: Sites, **_: object) -> "LoRAModule":
+        names = [n for found in sites.resolve(self.targets or sites.default_targets("lora"), linear=True,
+                                              what="LoRA").values() for n in found]
+        layers = {n: LoRALinear(*linear_dims(sites.names[n]), self.r, self.alpha, self.dropout)
+                  for n in dict.fromkeys(names)}
+        return LoRAModule(self, layers)
+
+
+class LoRALinear(nn.Module):
+    """The update of one linear layer; forward(x) returns (α/r)·B·A·dropout(x)."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.lora_a = nn.Parameter(torch.empty(r, in_features))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, r))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.scale = alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(x.to(self.lora_a.dtype))
+        return (x @ self.lora_a.T @ self.lora_b.T) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW in nn.Linear layout (out, in)."""
+        return (self.lora_b @ self.lora_a) * self.scale
+
+
+class LoRAModule(PeltModule):
+    def __init__(self, config: LoRA, layers: dict[str, LoRALinear]):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleDict({site_key(n): layer for n, layer in layers.items()})
+
+    def install(self, base: nn.Module, ctx: CallContext) -> list[Handle]:
+        return [add_to_output(base.get_submodule(site_name(k)), layer) for k, layer in self.layers.items()]
+
+    @torch.no_grad()
+    def merge_into(self, base: nn.Module) -> None:
+        for key, layer in self.layers.items():
+            target = base.get_submodule(site_name(key))
+            delta = layer.delta_weight()
+            target.weight += (delta.T if is_conv1d(target) else delta).to(target.weight.dtype)
