@@ -77,6 +77,12 @@ class ModularModel(nn.Module):
         prefixes = [m for m in [*self.modules_of("prefix"), *built.values()] if _provides(m, "prefix")]
         if len(prefixes) > 1:
             raise ConfigError("only one module may provide a prefix (past_key_values) at a time")
+        tasks = [tuple(c.tasks) for c in configs if getattr(c, "tasks", None)]
+        if tasks and self.task_names and list(tasks[0]) != self.task_names:
+            raise RoutingError(f"modules routed over tasks {list(tasks[0])} cannot join modules routed over "
+                               f"{self.task_names}; use the same task list")
+        if tasks:
+            self.task_names = list(tasks[0])
         self.adapters[name] = built
         self._handles[name] = [h for m in built.values() for h in m.install(self.base, self.ctx)]
         if head:
