@@ -183,8 +183,13 @@ class Sites:
         label counts shares a fingerprint; any change of sizes or layers changes it.
         """
         backbone = getattr(self.model, "base_model", self.model)
-        shapes = sorted((n, list(p.shape)) for n, p in backbone.named_parameters())
+        shapes = sorted((_unparametrized(n), list(p.shape)) for n, p in backbone.named_parameters())
         body = json.dumps({"model_type": self.model_type, "params": shapes}, sort_keys=True)
         g = self.geometry
         return {"sha256": hashlib.sha256(body.encode()).hexdigest(), "model_type": g.model_type,
                 "hidden": g.hidden, "layers": g.layers, "heads": g.heads, "vocab": g.vocab}
+
+
+def _unparametrized(name: str) -> str:
+    """A parameter's name as it is without torch parametrisations (LN-tuning adds them)."""
+    return name.replace("parametrizations.", "").replace(".original", "")

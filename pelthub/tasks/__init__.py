@@ -59,6 +59,9 @@ def list_tasks(family: str | None = None) -> list[str]:
     return families()[family]
 
 
+_PATIENCE = 2000  # consecutive duplicate draws after which a label's templates count as used up
+
+
 def _balanced(n: int, k: int) -> list[int]:
     """Per-label counts for n examples: equal, the first n % k labels one more."""
     return [n // k + (label < n % k) for label in range(k)]
@@ -85,11 +88,13 @@ def load_task(name: str, n_train: int = 256, n_dev: int = 128, n_test: int = 256
     for label in range(k):
         need = sum(split[label] for split in counts)
         pool: list[Example] = []
-        for _ in range(50 * need + 100):  # bounded: a small template space must fail, not spin
-            if len(pool) == need:
-                break
+        misses = 0  # a template space that is used up must fail, not spin
+        while len(pool) < need and misses < _PATIENCE:
             example = spec.draw(rng, label)
-            if example.text not in seen:
+            if example.text in seen:
+                misses += 1
+            else:
+                misses = 0
                 seen.add(example.text)
                 pool.append(example)
         if len(pool) < need:
