@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 venv: $(VENV)/.installed
 
 demo: venv
-	HF_HUB_OFFLINE=1 $(PY) -m pelthub.cli demo
+	HF_HUB_OFFLINE=1 $(PY) -m pelthub.demo
 
 test: venv
 	$(PY) -m pytest -q

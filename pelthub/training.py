@@ -1,0 +1,129 @@
+"""A small training loop for examples and the demo: tokenise, batch, fit, evaluate.
+
+Modules are ordinary parameters, so any loop (or `transformers.Trainer`)
+works; this one exists so the README, examples and demo stay short. Mixed-task
+data is given as {task name: examples}; each batch then mixes tasks and
+carries `task_ids`.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import ConfigError
+from .tasks import Example
+
+Data = Sequence[Example] | Mapping[str, Sequence[Example]]
+
+
+def param_groups(model: nn.Module, lr: float, lr_routing: float | None = None,
+                 weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """Optimizer groups: routing logits (names containing "router" or "logits") get `lr_routing`, no decay."""
+    routing, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (routing if ("router" in name or "logits" in name) else rest).append(p)
+    groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
+    if routing:
+        groups.append({"params": routing, "lr": lr_routing if lr_routing is not None else lr, "weight_decay": 0.0})
+    return groups
+
+
+def encode(tokenizer: Any, examples: Sequence[Example], max_length: int = 64) -> dict[str, torch.Tensor]:
+    """Tokenise texts (and text pairs) into padded tensors plus `labels`."""
+    texts = [e.text for e in examples]
+    pairs = [e.text_pair for e in examples]
+    enc = tokenizer(texts, pairs if any(p is not None for p in pairs) else None, padding=True,
+                    truncation=True, max_length=max_length, return_tensors="pt")
+    enc = dict(enc)
+    enc["labels"] = torch.tensor([e.label for e in examples])
+    return enc
+
+
+def _flatten(data: Data, task_names: Sequence[str]) -> tuple[list[Example], list[int] | None]:
+    if isinstance(data, Mapping):
+        unknown = [t for t in data if t not in task_names]
+        if unknown:
+            raise ConfigError(f"tasks {unknown} are not routed by this model; its tasks are {list(task_names)}")
+        pairs = [(e, task_names.index(t)) for t, examples in data.items() for e in examples]
+        return [e for e, _ in pairs], [t for _, t in pairs]
+    return list(data), None
+
+
+def batches(data: Data, tokenizer: Any, batch_size: int, task_names: Sequence[str] = (), shuffle: bool = True,
+            seed: int = 0, max_length: int = 64) -> Iterator[dict[str, Any]]:
+    """Endless shuffled batches (or one pass when shuffle=False); `task_ids` when data is per task."""
+    examples, task_ids = _flatten(data, task_names)
+    if not examples:
+        raise ConfigError("no examples to train or evaluate on")
+    order = list(range(len(examples)))
+    rng = random.Random(seed)
+    while True:
+        if shuffle:
+            rng.shuffle(order)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = encode(tokenizer, [examples[i] for i in idx], max_length)
+            if task_ids is not None:
+                batch["task_ids"] = torch.tensor([task_ids[i] for i in idx])
+            yield batch
+        if not shuffle:
+            return
+
+
+def fit(model: nn.Module, data: Data, tokenizer: Any, steps: int = 100, batch_size: int = 32, lr: float = 1e-3,
+        lr_routing: float | None = None, weight_decay: float = 0.0, seed: int = 0, max_length: int = 64,
+        progress: bool | str = True) -> list[float]:
+    """Train the trainable parameters of `model` for `steps` AdamW steps; returns the losses."""
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(param_groups(model, lr, lr_routing, weight_decay))
+    stream = batches(data, tokenizer, batch_size, getattr(model, "task_names", ()), seed=seed, max_length=max_length)
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(range(steps), desc=progress if isinstance(progress, str) else "train", disable=not progress,
+               leave=False)
+    for _ in bar:
+        batch = {k: v.to(device) for k, v in next(stream).items()}
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Data, tokenizer: Any, batch_size: int = 64, max_length: int = 64) -> float:
+    """Share of examples whose argmax logit is the label."""
+    model.eval()
+    device = next(model.parameters()).device
+    right = total = 0
+    for batch in batches(data, tokenizer, batch_size, getattr(model, "task_names", ()), shuffle=False,
+                         max_length=max_length):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        right += (model(**batch).logits.argmax(-1) == labels).sum().item()
+        total += labels.numel()
+    return right / total
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, data: Data, tokenizer: Any, batch_size: int = 64, max_length: int = 64) -> float:
+    """Average cross-entropy of `model` on `data` (no training)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in batches(data, tokenizer, batch_size, getattr(model, "task_names", ()), shuffle=False,
+                         max_length=max_length):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        n = batch["labels"].numel()
+        total += model(**batch).loss.item() * n
+        count += n
+    return total / count
