@@ -4,12 +4,19 @@ Attach module kinds to any transformers model, keep them in a registry, share
 them through the Hugging Face Hub, rank source prompts for a new task, and
 compose modules by routing, gating and attention.
 """
-from .composition import compose
+from .composition import Average, Stack, WeightedSum, compose, merge, search_weights
 from .errors import PeltError
 from .model import ModularModel, attach, from_pretrained
 from .modules import IA3, Bottleneck, Compacter, LNTuning, LoRA, Prefix, Prompt
+from .registry import Registry
+from .routing import Poly
+from .routing.attention import AttentionMix
+from .routing.gates import UniPELT
+from .transfer import rank_sources
 
 __version__ = "0.1.0"
 
-__all__ = ["IA3", "Bottleneck", "Compacter", "LNTuning", "LoRA", "ModularModel", "PeltError", "Prefix", "Prompt",
-           "attach", "compose", "from_pretrained", "__version__"]
+__all__ = ["AttentionMix", "IA3", "Bottleneck", "Compacter", "LNTuning", "LoRA", "ModularModel", "PeltError",
+           "Poly", "Prefix", "Prompt", "Registry", "attach", "compose", "from_pretrained", "__version__"]
+__all__ += ["Average", "Stack", "UniPELT", "WeightedSum", "merge", "search_weights"]
+__all__ += ["rank_sources"]

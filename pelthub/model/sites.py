@@ -31,7 +31,7 @@ _T5 = {
 }
 _GPT2 = {
     "qkv": r"attn\.c_attn", "o": r"attn\.c_proj", "up": r"mlp\.c_fc", "down": r"mlp\.c_proj",
-    "attn": r"\.attn", "ffn_in": r"h\.\d+\.mlp", "ffn_out": r"h\.\d+\.mlp",
+    "attn": r"h\.\d+\.attn", "ffn_in": r"h\.\d+\.mlp", "ffn_out": r"h\.\d+\.mlp",
 }
 _LLAMA = {
     "q": r"self_attn\.q_proj", "k": r"self_attn\.k_proj", "v": r"self_attn\.v_proj", "o": r"self_attn\.o_proj",

@@ -26,10 +26,12 @@ class ModuleConfig:
             _KINDS[cls.kind] = cls
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # JSON gives lists; keep configs hashable
+        for f in dataclasses.fields(self):  # JSON gives lists and nested dicts; keep configs hashable
             value = getattr(self, f.name)
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
+            elif isinstance(value, dict) and "kind" in value:
+                object.__setattr__(self, f.name, config_from_dict(value))
         self.validate()
 
     def validate(self) -> None:
@@ -39,6 +41,8 @@ class ModuleConfig:
         out: dict[str, Any] = {"kind": self.kind}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if isinstance(value, ModuleConfig):  # nested configs (UniPELT's parts) as their own dicts
+                value = value.to_dict()
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 

@@ -1,0 +1,67 @@
+"""ATTEMPT training step vs plain prompt tuning of the same length, MiniLM geometry.
+
+    PYTHONPATH=. python benchmarks/attempt.py [--quick]
+
+A randomly initialised BERT with MiniLM's sizes (hidden 384, 6 layers, 12
+heads, intermediate 1536), batch 32 x 64 tokens (--quick: 8 x 32), 2 threads.
+One step = forward with labels, backward, AdamW step. The target is
+AttentionMix within 1.2x of prompt tuning: the mixture adds a (B, S+1)
+softmax and an (S, L, d) weighted sum, while both pay for backpropagating
+through the whole frozen model to the input.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+import pelthub as ph
+from benchmarks.common import medians, print_table, setup
+
+LENGTH = 20
+
+
+def minilm() -> BertForSequenceClassification:
+    cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                     intermediate_size=1536, num_labels=2)
+    return BertForSequenceClassification(cfg).train()
+
+
+def step(model: ph.ModularModel, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def run() -> None:
+        opt.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        opt.step()
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="batch 8 x 32 and fewer repeats")
+    args = parser.parse_args()
+    setup()
+    b, n, repeats = (8, 32, 3) if args.quick else (32, 64, 10)
+    base = minilm()
+    d = base.config.hidden_size
+    batch = {"input_ids": torch.randint(1000, 30000, (b, n)), "attention_mask": torch.ones(b, n, dtype=torch.long),
+             "labels": torch.randint(0, 2, (b,))}
+    models = {"prompt tuning": ph.attach(base, ph.Prompt(length=LENGTH))}
+    for s in (4, 16):
+        srcs = {f"src{i}": torch.empty(LENGTH, d).uniform_(-0.5, 0.5) for i in range(s)}
+        models[f"AttentionMix, {s} sources"] = ph.compose(base, ph.AttentionMix(srcs, target=ph.Prompt(length=LENGTH)))
+    times = medians({name: step(m, batch) for name, m in models.items()}, repeats=repeats)
+    ref = times["prompt tuning"]
+    rows = [{"method": name, "trainable": m.trainable_parameters().trainable, "ms": times[name],
+             "ratio": times[name] / ref} for name, m in models.items()]
+    print(f"training step, MiniLM geometry, batch {b} x {n}, prompt length {LENGTH}, "
+          f"{torch.get_num_threads()} threads, median of {repeats}")
+    print_table(rows, [("method", "method"), ("trainable", "trainable params"), ("ms", "step ms"),
+                       ("ratio", "vs prompt tuning")], digits={"ms": 1, "ratio": 3})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""UniPELT's training step against its three parts alone.
+
+Model: MiniLM geometry (BertConfig: vocab 30522, hidden 384, 6 layers, 12 heads,
+FFN 1536, 512 positions), BertForSequenceClassification with 2 labels, random
+init. Batch 32 x 64 tokens (`--quick`: 8 x 32, fewer repeats). Two threads.
+
+Contenders, with the paper's settings: LoRA(r=8) on q and v; Prefix(length=10,
+hidden=512) (reparameterised, as trained); Bottleneck(reduction=16) after the
+FFN; UniPELT(APL) with those three behind gates. Training step = forward (with
+labels) + backward + AdamW step on the module parameters. Every contender is a
+deepcopy of one base, gets the same batch, and is timed in alternating rounds
+(see benchmarks/common.py); medians are reported.
+
+Ratio = UniPELT(APL) / contender: what the gated combination costs relative
+to each part alone (the sum of the parts is shown for reference).
+
+    PYTHONPATH=. .venv/bin/python -m benchmarks.unipelt [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+
+try:  # run as `python -m benchmarks.unipelt` or as a script
+    from .common import medians, print_table, setup
+except ImportError:  # pragma: no cover
+    from common import medians, print_table, setup  # type: ignore
+
+import pelthub as ph
+
+LORA, PREFIX, ADAPTER = ph.LoRA(r=8), ph.Prefix(length=10, hidden=512), ph.Bottleneck(reduction=16)
+CONTENDERS = {
+    "LoRA (r=8, q v)": LORA,
+    "Prefix (L=10, MLP 512)": PREFIX,
+    "Bottleneck (Pfeiffer, /16)": ADAPTER,
+    "UniPELT (APL)": ph.UniPELT(lora=LORA, prefix=PREFIX, adapter=ADAPTER),
+}
+
+
+def build_base(seed: int = 0) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                     intermediate_size=1536, max_position_embeddings=512, num_labels=2)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def make_batch(batch: int, seq: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[batch // 2:, seq * 3 // 4:] = 0  # some padding, so masked means do real work
+    return {"input_ids": torch.randint(1000, 30522, (batch, seq), generator=g), "attention_mask": mask,
+            "labels": torch.randint(0, 2, (batch,), generator=g)}
+
+
+def train_step(model: ph.ModularModel, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="batch 8 x 32, 3 rounds")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7, quick 3)")
+    args = parser.parse_args()
+    setup()
+    batch_size, seq = (8, 32) if args.quick else (32, 64)
+    repeats = args.repeats or (3 if args.quick else 7)
+    base, batch = build_base(), make_batch(batch_size, seq)
+    models = {name: ph.attach(copy.deepcopy(base), cfg).train() for name, cfg in CONTENDERS.items()}
+    steps = {name: train_step(m, batch) for name, m in models.items()}
+    ms = medians(steps, repeats=repeats, warmup_steps=1 if args.quick else 2)
+    uni = ms["UniPELT (APL)"]
+    parts = sum(v for k, v in ms.items() if k != "UniPELT (APL)")
+    rows = [{"method": name, "params": f"{models[name].trainable_parameters().trainable:,}", "ms": t,
+             "ratio": uni / t} for name, t in ms.items()]
+    rows.append({"method": "sum of the three parts", "ms": parts, "ratio": uni / parts})
+    print(f"UniPELT training step vs its parts: MiniLM geometry, batch {batch_size} x {seq}, "
+          f"{torch.get_num_threads()} threads, median of {repeats} rounds")
+    print_table(rows, [("method", "method"), ("params", "trainable params"), ("ms", "ms / step"),
+                       ("ratio", "UniPELT / this")], digits={"ms": 1, "ratio": 2})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Composition blocks: data saying which existing modules combine, and how.
+
+A *source* is a module to reuse, given as one of
+
+- a saved module directory (what `save_pretrained` writes), as str or Path;
+- a registry ref, 'name' or 'name@version' (a string that is not a directory),
+  loaded with `registry.load(ref, base)`;
+- an in-memory module: a ModularModel holding it, or a built module such as
+  the result of `merge`;
+- inside `Stack` also a ModuleConfig: a fresh module that trains.
+
+Blocks (`compose` turns them into attached module sets):
+
+- `Stack(*sources)`: each source attached in order as its own set. Hooks at
+  one site run in attachment order, so sequential adapters compose as
+  h ← h₁ + a₂(h₁) with h₁ = h + a₁(h); LoRA deltas add; prompts are prepended
+  one after another.
+- `WeightedSum(sources, weights)`: Σᵢ wᵢ·Mᵢ over modules of one kind, exactly:
+  LoRA as one LoRA with A = [A₁; …; A_K] and B = [w₁s₁B₁, …, w_K s_K B_K], so
+  ΔW = Σᵢ wᵢ sᵢ BᵢAᵢ (sᵢ = αᵢ/rᵢ); prompts as P = Σᵢ wᵢPᵢ (equal lengths).
+- `Average(*sources)`: WeightedSum with wᵢ = 1/K.
+
+Modules taken from sources are frozen in the composed model (their heads are
+not taken); configs in a Stack train. Blocks whose sources are directories,
+refs or configs round-trip through `to_dict` / `block_from_dict`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Union
+
+from torch import nn
+
+from ..errors import ConfigError, IncompatibleModuleError
+from ..model import ModularModel, from_pretrained
+from ..model.sites import Sites
+from ..modules.base import PeltModule
+from ..modules.config import ModuleConfig, config_from_dict
+
+Source = Union[str, os.PathLike, ModularModel, PeltModule, ModuleConfig]
+_BLOCKS: dict[str, type["Block"]] = {}
+
+
+class Block:
+    """Base of composition blocks: a tuple of sources plus the block's own fields."""
+
+    name: ClassVar[str] = ""
+    sources: tuple[Source, ...]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _BLOCKS[cls.name] = cls
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"block": self.name, "sources": [_source_to_data(s) for s in self.sources]}
+
+
+@dataclass(frozen=True, init=False)
+class Stack(Block):
+    """Sources applied in sequence, each as its own module set."""
+
+    name: ClassVar[str] = "stack"
+    sources: tuple[Source, ...]
+
+    def __init__(self, *sources: Source):
+        object.__setattr__(self, "sources", _checked_sources("Stack", sources))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Stack":
+        return cls(*map(_source_from_data, data["sources"]))
+
+
+@dataclass(frozen=True)
+class WeightedSum(Block):
+    """Σᵢ wᵢ·Mᵢ of LoRA modules (exact delta sum) or of prompts (sum of prompt tensors)."""
+
+    name: ClassVar[str] = "weighted_sum"
+    sources: tuple[Source, ...]
+    weights: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sources", _checked_sources("WeightedSum", self.sources, configs=False))
+        weights = tuple(self.weights)
+        if len(weights) != len(self.sources) or not all(isinstance(w, (int, float)) for w in weights):
+            raise ConfigError(f"WeightedSum.weights must be {len(self.sources)} numbers (one per source), "
+                              f"got {self.weights!r}")
+        object.__setattr__(self, "weights", tuple(float(w) for w in weights))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "weights": list(self.weights)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "WeightedSum":
+        return cls(tuple(map(_source_from_data, data["sources"])), tuple(data["weights"]))
+
+
+@dataclass(frozen=True, init=False)
+class Average(Block):
+    """The uniform WeightedSum: wᵢ = 1/K."""
+
+    name: ClassVar[str] = "average"
+    sources: tuple[Source, ...]
+
+    def __init__(self, *sources: Source):
+        object.__setattr__(self, "sources", _checked_sources("Average", sources, configs=False))
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return (1.0 / len(self.sources),) * len(self.sources)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Average":
+        return cls(*map(_source_from_data, data["sources"]))
+
+
+def block_from_dict(data: dict[str, Any]) -> Block:
+    """Rebuild a block written by `Block.to_dict`."""
+    if not isinstance(data, dict) or data.get("block") not in _BLOCKS:
+        raise ConfigError(f"not a composition block: {data!r}; blocks are {sorted(_BLOCKS)}")
+    return _BLOCKS[data["block"]].from_dict(data)
+
+
+def _checked_sources(what: str, sources: Any, configs: bool = True) -> tuple[Source, ...]:
+    sources = tuple(sources)
+    allowed = (str, os.PathLike, ModularModel, PeltModule) + ((ModuleConfig,) if configs else ())
+    bad = [s for s in sources if not isinstance(s, allowed)]
+    if not sources or bad:
+        raise ConfigError(f"{what} takes one or more modules: saved directories, registry refs, ModularModels or "
+                          f"built modules{', or configs' if configs else ''}; got {bad or 'none'}")
+    return sources
+
+
+def _source_to_data(source: Source) -> Any:
+    if isinstance(source, ModuleConfig):
+        return source.to_dict()
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    raise ConfigError(f"an in-memory {type(source).__name__} cannot be written as data; save it "
+                      "(save_pretrained or Registry.add) and reference its directory or registry ref")
+
+
+def _source_from_data(data: Any) -> Source:
+    return config_from_dict(data) if isinstance(data, dict) else data
+
+
+# ----- resolving sources to built modules -----
+
+def raw_base(base: nn.Module) -> nn.Module:
+    return base.base if isinstance(base, ModularModel) else base
+
+
+def load_source(source: Source, base: nn.Module | None, registry: Any = None) -> list[PeltModule]:
+    """The built modules a source holds (every kind of every set), checked against `base` when known."""
+    if isinstance(source, PeltModule):
+        return [source]
+    if isinstance(source, ModularModel):
+        if base is not None and source.sites.fingerprint()["sha256"] != Sites(raw_base(base)).fingerprint()["sha256"]:
+            raise IncompatibleModuleError(f"a source module was trained on {type(source.base).__name__} with "
+                                          "another architecture than this base; use modules of this base model")
+        return [m for s in source.adapters.values() for m in s.values()]
+    if isinstance(source, ModuleConfig):
+        raise ConfigError(f"a {source.kind} config is a fresh module, not a trained one; only Stack takes configs")
+    if base is None:
+        raise ConfigError(f"loading {os.fspath(source)!r} needs the base model: pass base=")
+    if Path(source).is_dir():
+        loaded = from_pretrained(raw_base(base), source)
+    else:
+        loaded = _registry(registry).load(os.fspath(source), raw_base(base))
+    modules = [m for s in loaded.adapters.values() for m in s.values()]
+    loaded.detach()
+    return modules
+
+
+def load_single(source: Source, base: nn.Module | None, registry: Any = None) -> PeltModule:
+    """The one module a source holds; mixtures take exactly one module per source."""
+    modules = load_source(source, base, registry)
+    if len(modules) != 1:
+        raise ConfigError(f"source {_describe(source)} holds {len(modules)} modules "
+                          f"({[m.config.kind for m in modules]}); mixtures and merges take one module per source")
+    return modules[0]
+
+
+def parents(*blocks: Any, registry: Any = None) -> list[dict[str, Any]]:
+    """{"ref", "sha256"} of every registry-ref source in `blocks`, for `save_pretrained(dir, parents=...)`.
+
+    Directories and in-memory modules have no registry identity and are not listed.
+    """
+    refs = [s for b in blocks if isinstance(b, Block) for s in b.sources
+            if isinstance(s, str) and not Path(s).is_dir()]
+    registry = _registry(registry) if refs else registry
+    out = []
+    for ref in dict.fromkeys(refs):
+        card = registry.get(ref)
+        out.append({"ref": getattr(card, "ref", ref), "sha256": getattr(card, "digest", None)})
+    return out
+
+
+def _registry(registry: Any) -> Any:
+    if registry is not None:
+        return registry
+    try:
+        from ..registry import Registry
+    except ImportError:
+        raise ConfigError("registry refs need a registry: pass registry=") from None
+    return Registry()
+
+
+def _describe(source: Source) -> str:
+    return repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else type(source).__name__

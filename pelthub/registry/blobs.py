@@ -1,0 +1,222 @@
+"""Content-addressed file store: `blobs/ab/abcdef...` holds the bytes whose sha256 is `abcdef...`.
+
+A blob appears only by renaming a complete, fsynced temporary file into
+place, so a process killed mid-write leaves at most a stray temporary file
+(under `tmp/`, named after its process id so `gc` can tell it is dead) and
+never a partial blob. Bytes are re-hashed whenever they are read out, so a
+file changed on disk is reported, not loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from ..errors import IntegrityError
+from .card import SHA_RE
+
+CHUNK = 1 << 20
+READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (the directory entry, not just the file's bytes)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _copy_hashing(src: BinaryIO, dst: BinaryIO) -> tuple[str, int]:
+    h, size = hashlib.sha256(), 0
+    while chunk := src.read(CHUNK):
+        h.update(chunk)
+        dst.write(chunk)
+        size += len(chunk)
+    return h.hexdigest(), size
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+class BlobStore:
+    """Files named by their sha256 under `root/blobs`; temporary files under `root/tmp`."""
+
+    def __init__(self, root: Path):
+        self.dir = root / "blobs"
+        self.tmp = root / "tmp"
+        self.checkouts = root / "checkouts"
+        for d in (self.dir, self.tmp, self.checkouts):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha: str) -> Path:
+        return self.dir / sha[:2] / sha
+
+    def exists(self, sha: str) -> bool:
+        return self.path(sha).is_file()
+
+    def temp_file(self) -> tuple[int, str]:
+        """A new temporary file (fd, path) named after this process, so `clean_temps` knows when it is stale."""
+        return tempfile.mkstemp(dir=self.tmp, prefix=f"{os.getpid()}-", suffix=".tmp")
+
+    def temp_dir(self) -> str:
+        return tempfile.mkdtemp(dir=self.tmp, prefix=f"{os.getpid()}-")
+
+    def put(self, src: Path, link: bool = False) -> tuple[str, int]:
+        """Store a file's bytes; returns (sha256, size). An intact copy already there is kept as is.
+
+        Hashing first costs a read but saves the temporary copy and its fsync
+        when the content is already stored (re-adds, shared pelthub.json).
+        `link=True` hard-links a file that is already durable (written and
+        fsynced by us, in `tmp/`) instead of copying it.
+        """
+        sha = file_sha256(src)
+        final = self.path(sha)
+        if final.is_file() and file_sha256(final) == sha:
+            return sha, final.stat().st_size
+        final.parent.mkdir(exist_ok=True)
+        if link:
+            try:
+                os.link(src, final)
+                os.chmod(final, READ_ONLY)
+                fsync_dir(final.parent)
+                return sha, final.stat().st_size
+            except OSError:  # a damaged copy is in the way, or no hard links here: copy instead
+                pass
+        fd, tmp = self.temp_file()
+        try:
+            with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+                copied, size = _copy_hashing(fin, fout)
+                fout.flush()
+                os.fsync(fout.fileno())
+            if copied != sha:
+                raise IntegrityError(f"{src} changed while it was being added; add it again")
+            os.chmod(tmp, READ_ONLY)
+            os.replace(tmp, final)  # also repairs a corrupt copy: same name, right bytes
+            fsync_dir(final.parent)
+            return sha, size
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def check(self, sha: str, label: str) -> None:
+        """Raise IntegrityError naming the blob if it is missing or its bytes no longer hash to `sha`."""
+        path = self.path(sha)
+        if not path.is_file():
+            raise IntegrityError(f"blob {path} ({label}) is missing; re-add the module or restore the file")
+        actual = file_sha256(path)
+        if actual != sha:
+            raise _corrupt(path, label, sha, actual)
+
+    def copy_out(self, sha: str, dest: Path, label: str) -> None:
+        """Copy a blob to `dest`, verifying its sha256 on the way."""
+        path = self.path(sha)
+        if not path.is_file():
+            raise IntegrityError(f"blob {path} ({label}) is missing; re-add the module or restore the file")
+        with open(path, "rb") as fin, open(dest, "wb") as fout:
+            actual, _ = _copy_hashing(fin, fout)
+        if actual != sha:
+            dest.unlink()
+            raise _corrupt(path, label, sha, actual)
+
+    def checkout(self, files: dict[str, str], label: str) -> Path:
+        """A read-only directory holding `files` (name -> sha256), shared by every reader of that content.
+
+        Each call re-hashes the blobs and the directory's files; a directory
+        found damaged is rebuilt from the blobs.
+        """
+        target = self.checkouts / self.checkout_key(files)
+        if _matches(target, files):
+            for name, sha in files.items():
+                self.check(sha, f"{label}: {name}")
+            return target
+        build = Path(self.temp_dir())
+        try:
+            for name, sha in files.items():
+                self.copy_out(sha, build / name, f"{label}: {name}")
+                os.chmod(build / name, READ_ONLY)
+            if target.exists():
+                shutil.rmtree(target)
+            try:
+                os.replace(build, target)
+            except OSError:  # another process put a directory there first; keep theirs if intact
+                if not _matches(target, files):
+                    raise
+        finally:
+            if build.exists():
+                shutil.rmtree(build)
+        return target
+
+    def __iter__(self) -> Iterator[str]:
+        """The sha256 of every blob on disk."""
+        for shard in sorted(self.dir.iterdir()):
+            if shard.is_dir():
+                yield from sorted(p.name for p in shard.iterdir() if SHA_RE.match(p.name))
+
+    def remove(self, sha: str) -> int:
+        """Delete a blob; returns the bytes freed."""
+        path = self.path(sha)
+        size = path.stat().st_size
+        path.unlink()
+        return size
+
+    def clean_temps(self) -> int:
+        """Remove temporary files and directories left by processes that died; returns how many."""
+        removed = 0
+        for entry in self.tmp.iterdir():
+            pid = entry.name.split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+                removed += 1
+        return removed
+
+    def clean_checkouts(self, keep: set[str]) -> int:
+        """Remove checkout directories whose content no card references any more."""
+        removed = 0
+        for entry in self.checkouts.iterdir():
+            if entry.name not in keep:
+                shutil.rmtree(entry)
+                removed += 1
+        return removed
+
+    @staticmethod
+    def checkout_key(files: dict[str, str]) -> str:
+        """The checkout directory name for a set of files (name -> sha256)."""
+        return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def _matches(directory: Path, files: dict[str, str]) -> bool:
+    if not directory.is_dir() or sorted(os.listdir(directory)) != sorted(files):
+        return False
+    return all(file_sha256(directory / name) == sha for name, sha in files.items())
+
+
+def _corrupt(path: Path, label: str, expected: str, actual: str) -> IntegrityError:
+    return IntegrityError(f"blob {path} ({label}) is corrupt: its sha256 is {actual[:16]}..., expected "
+                          f"{expected[:16]}...; restore the file or re-add the module (`pelthub verify` lists "
+                          "every damaged blob)")

@@ -1,0 +1,340 @@
+"""`Registry`: the local catalogue of modules, under `$PELTHUB_HOME` (default `~/.cache/pelthub`).
+
+Layout: `blobs/` (module files by sha256), `index.sqlite` (cards, WAL mode),
+`checkouts/` (verified, read-only module directories to load from) and `tmp/`.
+An `add` writes every blob first and then the card in one SQLite
+transaction, so a crash at any point leaves the entry either absent or
+complete; blobs nobody references are reclaimed by `gc`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import numbers
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import networkx as nx
+from safetensors import safe_open
+from torch import nn
+
+from ..errors import ConfigError, ModuleFormatError, NotFoundError, RegistryError
+from ..model import ModularModel, from_pretrained
+from ..model.io import CONFIG_FILE, WEIGHTS_FILE, base_model_info, check_compatible, read_description
+from .blobs import BlobStore, file_sha256
+from .card import FIELDS, SHA_RE, Card, check_name, parse_ref
+from .index import Index
+
+DEFAULT_HOME = "~/.cache/pelthub"
+MODULE_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What `Registry.verify()` found; `ok` when nothing is corrupt, missing or unreadable."""
+
+    blobs_checked: int
+    corrupt: list[str]       # blob paths whose bytes no longer hash to their name
+    missing: list[str]       # "ref: file (blob path)" for files a card needs that are gone
+    bad_cards: list[str]     # cards that fail validation, with the field named
+    unreferenced: int        # blobs no card uses (`gc` removes them)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.corrupt or self.missing or self.bad_cards)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "ok": self.ok}
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What `Registry.gc()` removed."""
+
+    blobs_removed: int
+    bytes_freed: int
+    temps_removed: int
+    checkouts_removed: int
+
+
+class Registry:
+    """Local, content-addressed store of module versions, safe for concurrent writers.
+
+    `add` returns a ref "name@version"; refs without "@version" mean the
+    latest version. Cards (`get`, `search`, `versions`) describe modules;
+    `load` attaches one to a base model after checking its architecture.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.root = Path(path or os.environ.get("PELTHUB_HOME") or DEFAULT_HOME).expanduser()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.blobs = BlobStore(self.root)
+        self.index = Index(self.root / "index.sqlite")
+        self.index.count()  # open (and create) the index now, so a bad location fails here
+
+    def __repr__(self) -> str:
+        return f"Registry({str(self.root)!r}, {len(self)} module versions)"
+
+    def __len__(self) -> int:
+        return self.index.count()
+
+    def __contains__(self, ref: str) -> bool:
+        name, version = parse_ref(ref)
+        return self.index.get(name, version) is not None
+
+    # ----- adding -----
+    def add(self, module: ModularModel | str | os.PathLike, *, name: str, task: str | None = None,
+            tags: Iterable[str] | str | None = None, metrics: Mapping[str, float] | None = None, description: str = "",
+            parents: Iterable[str | Mapping[str, Any]] | None = None,
+            source: Mapping[str, Any] | None = None) -> str:
+        """Register a module (a ModularModel, or a directory written by `save_pretrained`); returns its ref.
+
+        Adding content whose card would be identical (same files, name, task,
+        tags, metrics, parents, ...) returns the existing ref instead of a new
+        version. `parents` (refs, or {"ref", "sha256"}) default to the
+        `parents` recorded in the module's pelthub.json.
+        """
+        check_name(name)
+        tags = [tags] if isinstance(tags, str) else list(dict.fromkeys(tags or ()))
+        metrics = {k: float(v) if isinstance(v, numbers.Real) and not isinstance(v, int) else v
+                   for k, v in dict(metrics or {}).items()}  # numpy floats become plain floats
+        for field, value in (("task", task), ("tags", tags), ("metrics", metrics), ("description", description),
+                             ("source", None if source is None else dict(source))):
+            problem = FIELDS[field](value)
+            if problem:
+                raise ConfigError(f"add(): {field}= must be {problem}, got {value!r}")
+        resolved = None if parents is None else self._parents(parents)
+        with tempfile.TemporaryDirectory(dir=self.blobs.tmp, prefix=f"{os.getpid()}-") as tmp:
+            directory = self._module_dir(module, Path(tmp), resolved)
+            info = read_description(directory)
+            counted = _count_parameters(directory / WEIGHTS_FILE)
+            ours = directory == Path(tmp)  # written and fsynced by save_pretrained: link, don't copy
+            files = {f: self.blobs.put(directory / f, link=ours) for f in MODULE_FILES}
+            draft = Card(
+                name=name, version=1, kinds=sorted({c["kind"] for cs in info["modules"].values() for c in cs}),
+                modules=info["modules"], heads=info.get("heads") or {}, base_model=info["base_model"], task=task,
+                tags=tags, metrics=metrics, trainable_parameters=counted,
+                files={f: {"sha256": sha, "size": size} for f, (sha, size) in files.items()},
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"), pelthub_version=_version(),
+                parents=resolved if resolved is not None else self._parents(info.get("parents") or []),
+                description=description, source=None if source is None else dict(source))
+            with self.index.write() as index:
+                existing = index.by_identity(draft.identity())
+                if existing:
+                    return existing
+                for f, (sha, _) in files.items():
+                    if not self.blobs.exists(sha):  # a gc ran since put(); we hold the lock now, so write again
+                        self.blobs.put(directory / f)
+                card = dataclasses.replace(draft, version=index.allocate_version(name))
+                index.insert(card)
+        return card.ref
+
+    def _module_dir(self, module: Any, tmp: Path, parents: list[dict[str, Any]] | None) -> Path:
+        if isinstance(module, ModularModel):
+            module.save_pretrained(str(tmp), **({"parents": parents} if parents else {}))
+            return tmp
+        if isinstance(module, (str, os.PathLike)):
+            path = Path(module)
+            if not path.is_dir():
+                raise ModuleFormatError(f"{path} is not a directory; pass a ModularModel or a directory written by "
+                                        "model.save_pretrained(dir)")
+            return path
+        raise ConfigError(f"add() takes a ModularModel or the path of a saved module, got {type(module).__name__}")
+
+    def _parents(self, parents: Iterable[str | Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Pin each parent: a local ref becomes "name@version" with that card's digest."""
+        out: dict[str, dict[str, Any]] = {}
+        for item in parents:
+            entry = {"ref": item, "sha256": None} if isinstance(item, str) else {"sha256": None, **dict(item)}
+            if not isinstance(entry.get("ref"), str) or not entry["ref"]:
+                raise ConfigError(f"parents: each parent is a ref or {{'ref': ..., 'sha256': ...}}, got {item!r}")
+            try:
+                local = self.get(entry["ref"])
+            except RegistryError:  # not a local ref (e.g. a Hub repo id): keep as given
+                local = None
+            if local is not None:
+                if entry["sha256"] not in (None, local.digest):
+                    raise RegistryError(f"parent {entry['ref']!r} has sha256 {entry['sha256'][:16]}... but the "
+                                        f"registry's {local.ref} is {local.digest[:16]}...; pass the right ref")
+                entry = {"ref": local.ref, "sha256": local.digest}
+            out.setdefault(entry["ref"], {"ref": entry["ref"], "sha256": entry["sha256"]})
+        result = list(out.values())
+        problem = FIELDS["parents"](result)
+        if problem:
+            raise ConfigError(f"parents must be {problem}, got {result!r}")
+        return result
+
+    # ----- reading -----
+    def get(self, ref: str) -> Card:
+        """The card of `ref` ("name@version", or "name" for the latest)."""
+        name, version = parse_ref(ref)
+        row = self.index.get(name, version)
+        if row is None:
+            raise NotFoundError(self._not_found(name, version))
+        return self._card(row)
+
+    def path(self, ref: str) -> Path:
+        """A verified, read-only local directory holding the module's files (pelthub.json, modules.safetensors)."""
+        card = self.get(ref)
+        return self.blobs.checkout({n: f["sha256"] for n, f in card.files.items()}, card.ref)
+
+    def load(self, ref: str, base: nn.Module) -> ModularModel:
+        """Attach the module to `base` (a model or a ModularModel).
+
+        Raises IncompatibleModuleError naming both architectures if `base`'s
+        fingerprint differs from the one the module was trained on; warns if
+        only the model name differs.
+        """
+        card = self.get(ref)
+        check_compatible(card.base_model, base.base if isinstance(base, ModularModel) else base, f"module {card.ref}")
+        return from_pretrained(base, self.path(card.ref), strict_base=False)
+
+    def versions(self, name: str) -> list[Card]:
+        """Every version of `name`, oldest first."""
+        rows = self.index.versions(check_name(name))
+        if not rows:
+            raise NotFoundError(self._not_found(name, None))
+        return [self._card(r) for r in rows]
+
+    def search(self, kind: str | None = None, base_model: nn.Module | str | None = None, task: str | None = None,
+               tags: Iterable[str] | str | None = None, text: str | None = None, compatible_only: bool = False,
+               limit: int | None = None) -> list[Card]:
+        """Cards matching every filter given, compatible first.
+
+        `base_model` is a model (its fingerprint and name are used), a
+        fingerprint sha256, or a base-model name. Cards with the same
+        fingerprint come first, then those trained on a model of the same name
+        but another architecture (left out with `compatible_only=True`).
+        `tags` must all be present; `text` is a case-insensitive substring of
+        the name, description, task, tags, kinds, base name or metric names.
+        """
+        sha, base_name = _base_keys(base_model)
+        tags = [tags] if isinstance(tags, str) else list(tags or ())
+        rows = self.index.search(kind, sha, base_name, task, tags, text, compatible_only, limit)
+        return [self._card(r) for r in rows]
+
+    def graph(self) -> nx.DiGraph:
+        """Dependency graph of composed modules: an edge parent -> child for each parent a card lists.
+
+        Nodes are refs with attribute `card` (None, with `missing=True`, for a
+        parent that is not in this registry). `nx.ancestors(g, ref)` is what
+        a module was built from; `nx.descendants(g, ref)` what was built from it.
+        """
+        graph = nx.DiGraph()
+        cards = [self._card(r) for r in self.index.all()]
+        for card in cards:
+            graph.add_node(card.ref, card=card, missing=False)
+        for card in cards:
+            for parent in card.parents:
+                if parent["ref"] not in graph:
+                    graph.add_node(parent["ref"], card=None, missing=True)
+                graph.add_edge(parent["ref"], card.ref, sha256=parent["sha256"])
+        return graph
+
+    # ----- maintenance -----
+    def remove(self, ref: str, force: bool = False) -> list[str]:
+        """Remove one version ("name@version") or every version ("name"); returns the refs removed.
+
+        Refused while another module lists one of them as a parent, unless
+        `force`. Blobs stay until `gc()`.
+        """
+        name, version = parse_ref(ref)
+        with self.index.write() as index:
+            rows = index.versions(name) if version is None else [r for r in [index.get(name, version)] if r]
+            if not rows:
+                raise NotFoundError(self._not_found(name, version))
+            refs, ids = [f"{r[1]}@{r[2]}" for r in rows], [r[0] for r in rows]
+            dependants = index.dependants(refs, ids)
+            if dependants and not force:
+                raise RegistryError(f"cannot remove {', '.join(refs)}: {', '.join(dependants)} "
+                                    f"{'was' if len(dependants) == 1 else 'were'} built from it; remove "
+                                    "those first, or pass force=True (`pelthub rm --force`); they keep "
+                                    "working but list a parent that is gone")
+            index.delete(ids)
+        return refs
+
+    def verify(self) -> VerifyReport:
+        """Re-hash every blob and check every card parses and has its blobs."""
+        corrupt, on_disk = [], set()
+        for sha in self.blobs:
+            on_disk.add(sha)
+            if file_sha256(self.blobs.path(sha)) != sha:
+                corrupt.append(str(self.blobs.path(sha)))
+        missing, bad, referenced = [], [], set()
+        for row in self.index.all():
+            try:
+                card = self._card(row)
+            except ModuleFormatError as e:
+                bad.append(str(e))
+                continue
+            for fname, f in card.files.items():
+                referenced.add(f["sha256"])
+                if f["sha256"] not in on_disk and not self.blobs.exists(f["sha256"]):  # may be newer than listing
+                    missing.append(f"{card.ref}: {fname} ({self.blobs.path(f['sha256'])})")
+        return VerifyReport(len(on_disk), corrupt, missing, bad, len(on_disk - referenced))
+
+    def gc(self) -> GcReport:
+        """Drop blobs and checkouts no card references, and temporary files of dead processes.
+
+        Runs under the index's write lock, so no add can commit meanwhile; an
+        add whose blobs were dropped before it committed writes them again.
+        """
+        with self.index.write() as index:
+            keep = index.referenced_blobs()
+            dropped = [sha for sha in self.blobs if sha not in keep]
+            freed = sum(self.blobs.remove(sha) for sha in dropped)
+            checkouts = self.blobs.clean_checkouts(index.digests())
+        return GcReport(len(dropped), freed, self.blobs.clean_temps(), checkouts)
+
+    # ----- helpers -----
+    def _card(self, row: tuple[int, str, int, str]) -> Card:
+        where = f"card {row[1]}@{row[2]} in {self.index.path}"
+        try:
+            data = json.loads(row[3])
+        except json.JSONDecodeError as e:
+            raise ModuleFormatError(f"{where} is not valid JSON: {e}") from None
+        return Card.from_dict(data, where=where)
+
+    def _not_found(self, name: str, version: int | None) -> str:
+        versions = [r[2] for r in self.index.versions(name)]
+        if versions:
+            return (f"{name}@{version} is not in the registry at {self.root}; versions of {name!r}: "
+                    f"{', '.join(map(str, versions))}")
+        close = difflib.get_close_matches(name, self.index.names(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; `pelthub list` shows what is there"
+        return f"no module named {name!r} in the registry at {self.root}{hint}"
+
+
+def _base_keys(base_model: nn.Module | str | None) -> tuple[str | None, str | None]:
+    """(fingerprint sha256, base name) to search by."""
+    if base_model is None:
+        return None, None
+    if isinstance(base_model, str):
+        return (base_model, None) if SHA_RE.match(base_model) else (None, base_model)
+    if isinstance(base_model, nn.Module):
+        info = base_model_info(base_model.base if isinstance(base_model, ModularModel) else base_model)
+        return info["fingerprint"]["sha256"], info["name"] or None
+    raise ConfigError(f"search(base_model=) takes a model, a fingerprint sha256 or a model name, "
+                      f"got {type(base_model).__name__}")
+
+
+def _count_parameters(weights: Path) -> int:
+    """Parameters in a safetensors file; opening it also rejects a damaged or foreign file early."""
+    if not weights.is_file():
+        raise ModuleFormatError(f"{weights} not found: a module directory holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise ModuleFormatError(f"{weights} is not a readable safetensors file: {e}") from None
+
+
+def _version() -> str:
+    from .. import __version__  # at call time: pelthub/__init__ imports this package before defining it
+    return __version__

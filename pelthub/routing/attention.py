@@ -1,0 +1,277 @@
+"""ATTEMPT (Asai et al. 2022): an input-dependent attentional mixture of soft prompts.
+
+Frozen source prompts P_1..P_S (each trained by prompt tuning on a source
+task) and a trainable target prompt P_tgt (one per task when `tasks` is set)
+are mixed per example::
+
+    x̂   = pool_t(X)                              (B, d)   X: input embeddings, padding masked
+    z   = LN(W_up · SiLU(W_down · x̂))            (B, d)   the "router"
+    p̂_j = pool_t(P_j)  for j ∈ {1..S, tgt}       (S+1, d) keys; the sources' are frozen constants
+    a   = softmax_j(p̂_j · z / T)                 (B, S+1) T = d·e by default
+    P_inst = P_tgt + Σ_j a_j P_j                 (B, L, d) prepended like a plain soft prompt
+
+With no sources a = [1] and P_inst = 2·P_tgt; as T → ∞ the weights become
+uniform. Trainable: W_down (d×m), W_up (m×d), the LayerNorm (2d) and L·d per
+target prompt.
+
+Sources in the config are names (registry refs "name@version" or labels), so
+`to_dict()` stays JSON. The prompt values travel two ways: given at
+construction (tensors, PromptModules or ModularModels holding one prompt; a
+mapping names them, otherwise they are called "source0", ...), or resolved by
+name through a registry (`registry=`, else the default `pelthub.Registry()`)
+with `registry.load(ref, base)` when the module is built. Once built, the
+sources are frozen parameters of the module, so `save_pretrained` writes them
+to modules.safetensors and a saved ATTEMPT model loads stand-alone;
+`parents()` lists the sources that are registry modules (ref and card
+digest), for the registry's dependency graph.
+
+All sources must have the target's length L, else building raises
+ConfigError. With `fit_sources=True` a longer source is truncated to its
+first L tokens and a shorter one zero-padded at the end; its key p̂_j is
+pooled over the tokens it contributes (padding excluded).
+
+Deviations from the reference code: padding is masked when pooling the input
+(`mask_padding=False` restores the reference), the LayerNorm trains, and
+sources' keys are computed once instead of every step (they are frozen).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import InitVar, dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, RegistryError, RoutingError
+from ..model.modular import ModularModel
+from ..model.sites import Sites
+from ..modules.base import CallContext, PeltModule
+from ..modules.config import ModuleConfig, config_from_dict, one_of, positive_int, positive_number
+from ..modules.prompt import Prompt, PromptModule, initial_prompt
+
+POOLS = ("max", "mean")
+TARGET = "<target>"
+
+
+@dataclass(frozen=True)
+class AttentionMix(ModuleConfig):
+    """Config of an ATTEMPT module.
+
+    sources: names, or the prompts themselves (see the module docstring); a
+    list or a {name: prompt} mapping. target: the Prompt config of the target
+    prompt(s) (length and init). temperature: T, default d·e. pool: "max"
+    (paper) or "mean" over tokens. mask_padding: ignore padded input positions
+    when pooling. tasks: one target prompt per task, routed by `task_ids`.
+    bottleneck: m of the attention module. init_from: a source name whose
+    values start the target prompt(s) instead of `target.init`. fit_sources:
+    truncate / zero-pad sources of another length instead of raising.
+    registry: resolves source names at build time (not saved).
+    """
+
+    kind: ClassVar[str] = "attention_mix"
+    sources: Any = ()
+    target: Prompt = Prompt(length=20)
+    temperature: float | None = None
+    pool: str = "max"
+    mask_padding: bool = True
+    tasks: tuple[str, ...] | None = None
+    bottleneck: int = 100
+    init_from: str | None = None
+    fit_sources: bool = False
+    registry: InitVar[Any] = None
+
+    def __post_init__(self, registry: Any) -> None:
+        names, values = _split_sources(self.sources)
+        object.__setattr__(self, "sources", names)
+        object.__setattr__(self, "_values", values)
+        object.__setattr__(self, "_registry", registry)
+        if isinstance(self.target, Mapping):
+            object.__setattr__(self, "target", config_from_dict({"kind": "prompt", **self.target}))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        if not all(isinstance(s, str) and s for s in self.sources) or len(set(self.sources)) != len(self.sources):
+            raise ConfigError(f"AttentionMix.sources must have distinct non-empty names, got {list(self.sources)}")
+        if TARGET in self.sources:
+            raise ConfigError(f"AttentionMix.sources may not use the reserved name {TARGET!r}")
+        if not isinstance(self.target, Prompt):
+            raise ConfigError("AttentionMix.target must be a Prompt config, e.g. Prompt(length=20), "
+                              f"got {self.target!r}")
+        if self.temperature is not None:
+            positive_number("AttentionMix", "temperature", self.temperature)
+        one_of("AttentionMix", "pool", self.pool, POOLS)
+        one_of("AttentionMix", "mask_padding", self.mask_padding, (True, False))
+        one_of("AttentionMix", "fit_sources", self.fit_sources, (True, False))
+        positive_int("AttentionMix", "bottleneck", self.bottleneck)
+        if self.tasks is not None and (not self.tasks or len(set(self.tasks)) != len(self.tasks)
+                                       or not all(isinstance(t, str) and t for t in self.tasks)):
+            raise ConfigError(f"AttentionMix.tasks must be a non-empty list of distinct task names, got {self.tasks!r}")
+        if self.init_from is not None and self.init_from not in self.sources:
+            raise ConfigError(f"AttentionMix.init_from must name one of the sources {list(self.sources)}, "
+                              f"got {self.init_from!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "target": self.target.to_dict()}
+
+    def replace(self, **changes: Any) -> "AttentionMix":
+        """A changed copy that keeps the given source values and registry."""
+        changes.setdefault("registry", self._registry)
+        new = dataclasses.replace(self, **changes)
+        object.__setattr__(new, "_values", {**self._values, **new._values})
+        return new
+
+    def resolver(self) -> Any:
+        """The registry that resolves source names: `registry=`, else the default one (None if unavailable)."""
+        return self._registry if self._registry is not None else _default_registry()
+
+    def build(self, base: nn.Module, sites: Sites, tokenizer: Any = None, init: bool = True,
+              **_: object) -> "AttentionMixModule":
+        embedding = base.get_input_embeddings().weight
+        d, length, tasks = embedding.shape[1], self.target.length, len(self.tasks or ()) or 1
+        if not init:  # values come from a saved state
+            sources = torch.zeros(len(self.sources), length, d)
+            return AttentionMixModule(self, sources, torch.zeros(len(self.sources), d), torch.zeros(tasks, length, d))
+        raw = [self._source_values(name, base, d) for name in self.sources]
+        sources, keys = self._fit(raw, length, d)
+        if self.init_from is not None:
+            targets = sources[self.sources.index(self.init_from)].expand(tasks, -1, -1).clone()
+        else:
+            targets = torch.stack([initial_prompt(self.target, embedding, tokenizer) for _ in range(tasks)])
+        return AttentionMixModule(self, sources, keys, targets)
+
+    def _source_values(self, name: str, base: nn.Module, d: int) -> torch.Tensor:
+        """The (L_j, d) values of one source, resolving names through the registry."""
+        value = self._values.get(name, name)
+        if isinstance(value, str):
+            registry = self.resolver()
+            if registry is None:
+                raise ConfigError(f"AttentionMix source {value!r} is a name without values: pass the prompt itself "
+                                  "(tensor, PromptModule or ModularModel) or registry= to resolve it")
+            value = _prompt_tensor(name, registry.load(value, base))
+        if value.shape[1] != d:
+            raise ConfigError(f"AttentionMix source {name!r} has width {value.shape[1]}, but this model's "
+                              f"embeddings have width {d}: use prompts trained on this base model")
+        return value
+
+    def _fit(self, raw: list[torch.Tensor], length: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sources stacked to (S, L, d) and their keys (S, d), pooled over the tokens each contributes."""
+        bad = {n: p.shape[0] for n, p in zip(self.sources, raw) if p.shape[0] != length}
+        if bad and not self.fit_sources:
+            raise ConfigError(f"AttentionMix sources {bad} (name: length) differ from the target length {length}; "
+                              "use Prompt(length=...) matching them, or fit_sources=True to truncate / zero-pad")
+        kept = [p[:length] for p in raw]
+        keys = torch.stack([pool_tokens(p[None], None, self.pool)[0] for p in kept]) if kept else torch.zeros(0, d)
+        padded = [torch.cat([p, p.new_zeros(length - p.shape[0], d)]) for p in kept]
+        return (torch.stack(padded) if padded else torch.zeros(0, length, d)), keys
+
+
+class AttentionMixModule(PeltModule):
+    """Built ATTEMPT module: frozen `sources` (S, L, d) and `source_keys` (S, d), trainable
+    `targets` (K, L, d) and `router` (down, SiLU, up, LayerNorm; its own lr group in `param_groups`)."""
+
+    def __init__(self, config: AttentionMix, sources: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor):
+        super().__init__()
+        self.config = config
+        d, m = targets.shape[-1], config.bottleneck
+        self.sources = nn.Parameter(sources, requires_grad=False)
+        self.source_keys = nn.Parameter(keys, requires_grad=False)
+        self.targets = nn.Parameter(targets)
+        self.router = nn.Sequential(nn.Linear(d, m, bias=False), nn.SiLU(), nn.Linear(m, d, bias=False),
+                                    nn.LayerNorm(d))
+        self.temperature = float(config.temperature or d * math.e)
+        self._last: torch.Tensor | None = None
+
+    @property
+    def candidates(self) -> list[str]:
+        """Names of the columns of `last_attention()`: the sources, then the target."""
+        return [*self.config.sources, TARGET]
+
+    def prompt(self, embeds: torch.Tensor, mask: torch.Tensor | None, ctx: CallContext) -> torch.Tensor:
+        batch = embeds.shape[0]
+        z = self.router(pool_tokens(embeds, mask if self.config.mask_padding else None, self.config.pool)
+                        .to(self.targets.dtype))                                         # (B, d)
+        target = self.targets[self._task_ids(ctx, batch)] if self.config.tasks else \
+            self.targets.expand(batch, -1, -1)                                          # (B, L, d)
+        scores = torch.cat([z @ self.source_keys.T,                                     # (B, S)
+                            (z * pool_tokens(target, None, self.config.pool)).sum(-1, keepdim=True)], 1)
+        a = torch.softmax(scores / self.temperature, dim=-1)                            # (B, S+1)
+        self._last = a.detach()
+        return target * (1 + a[:, -1, None, None]) + torch.einsum("bs,sld->bld", a[:, :-1], self.sources)
+
+    def _task_ids(self, ctx: CallContext, batch: int) -> torch.Tensor:
+        ids = ctx.task_ids_for(batch)
+        if ids is None:
+            raise RoutingError(f"this AttentionMix has one target prompt per task {list(self.config.tasks)}; "
+                               "pass task_ids= (names or indices) with every call")
+        return ids
+
+    def last_attention(self) -> torch.Tensor:
+        """Weights a (B, S+1) of the latest call, detached; columns as in `candidates`."""
+        if self._last is None:
+            raise RoutingError("no attention weights yet: run the model once first")
+        return self._last
+
+    def parents(self, registry: Any = None) -> list[dict[str, Any]]:
+        """{"ref", "sha256"} of the sources the registry knows (others are labels, not listed).
+
+        sha256 is the registry card's digest; pass the list on when saving or
+        registering: `save_pretrained(dir, parents=...)`, `reg.add(model, ..., parents=...)`.
+        """
+        registry = self.config.resolver() if registry is None else registry
+        out = []
+        for name in self.config.sources if registry is not None else ():
+            try:
+                card = registry.get(name)
+            except RegistryError:  # a label such as "source0", not a ref
+                continue
+            out.append({"ref": card.ref, "sha256": card.digest})
+        return out
+
+
+def pool_tokens(x: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    """Max or mean of (B, n, d) over n, positions with mask 0 left out: (B, d)."""
+    if mask is None:
+        return x.amax(1) if how == "max" else x.mean(1)
+    keep = mask[..., None].to(torch.bool)
+    if how == "max":
+        return x.masked_fill(~keep, torch.finfo(x.dtype).min).amax(1)
+    return (x * keep).sum(1) / keep.sum(1).clamp(min=1)
+
+
+def _split_sources(sources: Any) -> tuple[tuple[str, ...], dict[str, torch.Tensor]]:
+    """Names of `sources` (a list or a {name: value} mapping) and the (L, d) values given for them."""
+    if isinstance(sources, (str, torch.Tensor, nn.Module)):
+        raise ConfigError("AttentionMix.sources must be a list (or {name: prompt} mapping) of sources, "
+                          f"got one {type(sources).__name__}")
+    items = list(sources.items()) if isinstance(sources, Mapping) else \
+        [(s if isinstance(s, str) else f"source{i}", s) for i, s in enumerate(sources)]
+    return tuple(name for name, _ in items), {name: _prompt_tensor(name, value) for name, value in items
+                                              if value is not name}  # a listed ref is its own name
+
+
+def _prompt_tensor(name: str, value: Any) -> torch.Tensor:
+    """The (L, d) embeddings of a tensor, PromptModule or ModularModel holding one prompt module."""
+    if isinstance(value, ModularModel):
+        found = [m for m in value.modules_of("prompt") if isinstance(m, PromptModule)]
+        if len(found) != 1:
+            raise ConfigError(f"AttentionMix source {name!r} is a model with {len(found)} prompt modules; "
+                              "a source must hold exactly one")
+        value = found[0]
+    if isinstance(value, PromptModule):
+        value = value.embeddings
+    if not isinstance(value, torch.Tensor) or value.dim() != 2:
+        raise ConfigError(f"AttentionMix source {name!r} must be a (length, hidden) tensor, a PromptModule, a "
+                          f"ModularModel with one prompt (refs go in a list), got {type(value).__name__}"
+                          f"{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}")
+    return value.detach().float().cpu().clone()
+
+
+def _default_registry() -> Any:
+    """`pelthub.Registry()` when the registry package provides it."""
+    try:
+        from ..registry import Registry  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return Registry()

@@ -1,0 +1,172 @@
+"""How well each metric predicts real transfer: `evaluate` over a set of built-in tasks.
+
+For tasks T₁..T_n (each in turn source and target):
+
+1. a source prompt P_s (with its head) is tuned on every task for `source_steps`;
+2. per target t, a prompt with a random start is tuned for `target_steps`
+   (accuracy a₀(t) on t's dev split); this is exactly the target prompt
+   `rank_sources(target_steps=...)` would tune, and it is passed as `target=`
+   to score every source with every metric;
+3. per pair s ≠ t, the same run starts from P_s instead (`init_from`), with
+   the same seed, data order and head: accuracy a(s, t).
+
+    gain(s, t) = a(s, t) − a₀(t)
+
+Per metric over the n(n−1) pairs: Spearman ρ(score, gain) (scipy.stats), and
+the top-1 hit rate: the share of targets whose top-scored source is the
+source of the largest gain (with ties at the top, the share of tied sources
+that are it). `pick_gain` is the mean gain of the top-scored source. The
+reference row `same_family` scores 1 for two tasks of one family, else 0.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from ..model import attach
+from ..modules.prompt import Prompt
+from ..tasks import load_task
+from ..training import accuracy, fit
+from .methods import init_from, prompt_tensor
+from .rank import METRICS, rank_sources
+
+REFERENCE = "same_family"
+
+
+@dataclass
+class TransferStudy:
+    """Measured transfer and each metric's agreement with it; matrices are indexed [source, target]."""
+
+    tasks: list[str]
+    families: list[str]
+    baseline: np.ndarray                 # (n,) a₀(t)
+    transferred: np.ndarray              # (n, n) a(s, t), NaN on the diagonal
+    scores: dict[str, np.ndarray]        # metric → (n, n) score(s, t), NaN on the diagonal
+    source_accuracy: np.ndarray          # (n,) dev accuracy of each fully tuned source prompt
+    spearman: dict[str, tuple[float, float]] = field(default_factory=dict)   # metric → (ρ, p)
+    top1: dict[str, float] = field(default_factory=dict)
+    pick_gain: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def gains(self) -> np.ndarray:
+        return self.transferred - self.baseline[None, :]
+
+    def summarise(self) -> None:
+        """Fill `spearman`, `top1` and `pick_gain` from the matrices."""
+        off = ~np.eye(len(self.tasks), dtype=bool)
+        gains = self.gains
+        best = [set(np.flatnonzero(np.isclose(gains[off[:, t], t], np.nanmax(gains[off[:, t], t]))))
+                for t in range(len(self.tasks))]
+        for metric, score in self.scores.items():
+            varies = np.ptp(score[off]) > 0 and np.ptp(gains[off]) > 0
+            rho, p = spearmanr(score[off], gains[off]) if varies else (math.nan, math.nan)
+            self.spearman[metric] = (float(rho), float(p))
+            hits, picks = [], []
+            for t in range(len(self.tasks)):
+                s, g = score[off[:, t], t], gains[off[:, t], t]
+                top = np.flatnonzero(np.isclose(s, s.max()))
+                hits.append(len(best[t] & set(top)) / len(top))
+                picks.append(float(g[top].mean()))
+            self.top1[metric], self.pick_gain[metric] = float(np.mean(hits)), float(np.mean(picks))
+
+    def table(self) -> str:
+        """Markdown: one row per metric."""
+        lines = ["| metric | Spearman ρ | p | top-1 hit rate | gain of top pick |", "|---|---:|---:|---:|---:|"]
+        for metric in self.scores:
+            rho, p = self.spearman[metric]
+            lines.append(f"| {metric} | {rho:+.3f} | {p:.3g} | {self.top1[metric]:.2f} | "
+                         f"{100 * self.pick_gain[metric]:+.1f} pts |")
+        off = ~np.eye(len(self.tasks), dtype=bool)
+        g = self.gains[off]
+        best = np.nanmax(np.where(off, self.gains, -np.inf), axis=0)
+        lines.append(f"\n{len(self.tasks)} tasks, {off.sum()} pairs; gain mean {100 * g.mean():+.1f} pts, "
+                     f"min {100 * g.min():+.1f}, max {100 * g.max():+.1f}; oracle top-1 pick gain "
+                     f"{100 * best.mean():+.1f} pts, random pick {100 * g.mean():+.1f} pts; {self.seconds:.0f} s")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        def rows(m: np.ndarray) -> list[list[float | None]]:
+            return [[None if math.isnan(v) else float(v) for v in row] for row in m]
+        return {"tasks": self.tasks, "families": self.families, "baseline": self.baseline.tolist(),
+                "source_accuracy": self.source_accuracy.tolist(), "transferred": rows(self.transferred),
+                "gains": rows(self.gains), "scores": {m: rows(s) for m, s in self.scores.items()},
+                "spearman": {m: {"rho": r, "p": p} for m, (r, p) in self.spearman.items()},
+                "top1": self.top1, "pick_gain": self.pick_gain, "seconds": self.seconds}
+
+
+def evaluate(base_factory: Callable[[int], nn.Module], tokenizer: Any, tasks: Sequence[str],
+             metrics: Sequence[str] = METRICS, source_steps: int = 100, target_steps: int = 40,
+             prompt: Prompt = Prompt(length=10), batch_size: int = 16, lr: float = 0.03, n_train: int = 256,
+             n_dev: int = 128, layers: Any = None, seed: int = 0, max_length: int = 48,
+             progress: bool = True) -> TransferStudy:
+    """Measure the transfer gain of every (source, target) pair of `tasks` and score each metric against it.
+
+    base_factory(num_labels) builds the base model (one is built per label
+    count and reused; the base is never edited). Budget: n·source_steps +
+    n²·target_steps prompt-tuning steps.
+    """
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or len(tasks) < 3:
+        raise ConfigError(f"evaluate needs >= 3 tasks and metrics from {list(METRICS)}; got {len(tasks)} tasks, "
+                          f"unknown metrics {unknown}")
+    start = time.perf_counter()
+    data = [load_task(t, n_train=n_train, n_dev=n_dev, n_test=0) for t in tasks]
+    bases: dict[int, nn.Module] = {}
+
+    def run(i: int, source: torch.Tensor | None, steps: int, what: str) -> Any:
+        """Attach a fresh prompt (+ head) for task i, optionally start it from `source`, tune it."""
+        k = data[i].num_labels
+        base = bases[k] if k in bases else bases.setdefault(k, base_factory(k))
+        torch.manual_seed(seed)
+        model = attach(base, prompt, name="study", head=True)
+        if source is not None:
+            init_from(model, source)
+        fit(model, data[i].train, tokenizer, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+            max_length=max_length, progress=what if progress else False)
+        return model
+
+    n = len(tasks)
+    sources, source_acc = [], np.zeros(n)
+    for i in range(n):
+        model = run(i, None, source_steps, f"source {tasks[i]}")
+        source_acc[i] = accuracy(model, data[i].dev, tokenizer, max_length=max_length)
+        sources.append(prompt_tensor(model).clone())
+        model.detach()
+    baseline, transferred = np.zeros(n), np.full((n, n), np.nan)
+    scores = {m: np.full((n, n), np.nan) for m in metrics}
+    pairs = tqdm(total=n * n, desc="transfer pairs", disable=not progress)
+    for t in range(n):
+        model = run(t, None, target_steps, f"target {tasks[t]}")
+        baseline[t] = accuracy(model, data[t].dev, tokenizer, max_length=max_length)
+        others = {tasks[s]: sources[s] for s in range(n) if s != t}
+        for metric in metrics:
+            ranking = rank_sources(model.base, data[t].train, others, metric, tokenizer=tokenizer, target=model,
+                                   layers=layers, max_length=max_length, seed=seed)
+            for name, score in ranking.rows:
+                scores[metric][tasks.index(name), t] = score
+        model.detach()
+        pairs.update()
+        for s in range(n):
+            if s != t:
+                model = run(t, sources[s], target_steps, f"{tasks[s]} -> {tasks[t]}")
+                transferred[s, t] = accuracy(model, data[t].dev, tokenizer, max_length=max_length)
+                model.detach()
+                pairs.update()
+    pairs.close()
+    families = [d.family for d in data]
+    scores[REFERENCE] = np.array([[1.0 if fs == ft else 0.0 for ft in families] for fs in families])
+    np.fill_diagonal(scores[REFERENCE], np.nan)
+    study = TransferStudy(list(tasks), families, baseline, transferred, scores, source_acc,
+                          seconds=time.perf_counter() - start)
+    study.summarise()
+    return study

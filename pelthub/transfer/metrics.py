@@ -1,0 +1,137 @@
+"""Transferability metrics between two soft prompts (or their activations).
+
+Prompt-space metrics, on P (L₁, d) and Q (L₂, d) with tokens p_i, q_j:
+
+    cosine_avg(P, Q)    = cos(mean_i p_i, mean_j q_j)                             SPoT, Vu et al. 2022
+    cosine_tokens(P, Q) = (1/L₁L₂) Σ_i Σ_j cos(p_i, q_j) = ⟨ū_P, ū_Q⟩,  ū_P = mean_i p_i/‖p_i‖
+                          divided by √(⟨ū_P, ū_P⟩⟨ū_Q, ū_Q⟩), i.e. cos(ū_P, ū_Q)
+    euclidean(P, Q)     = 1 / (1 + ‖flat(P) − flat(Q)‖)        (L₁ = L₂)          Su et al. 2022
+
+The per-token average of SPoT/Su et al. is ⟨ū_P, ū_Q⟩ itself, which is below 1
+for a prompt with itself unless all its tokens point the same way; the
+normalisation (`normalize=False` gives the raw average) makes it a
+similarity with self-similarity 1. Activation metrics, on activations
+a, b (N_layers, F) from `activations.prompt_activations`, over a window of
+layers (`layers`: indices or a slice, default all):
+
+    on(a, b)                = |β_a ∧ β_b| / √(|β_a| · |β_b|),  β = flat(a[layers]) > 0   Su et al. 2022
+    activation_cosine(a, b) = cos(flat(a[layers]), flat(b[layers]))                        PANDA
+
+ON is 0 when either prompt activates no neuron. Every metric here is
+symmetric and gives 1 for a prompt with itself. `zero_shot` (in `rank`) is
+the only directional one. `score_matrix` computes any of them for all pairs of
+two lists at once.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+Layers = Sequence[int] | slice | None
+Prompts = torch.Tensor | Sequence[torch.Tensor]
+
+
+def _prompts(xs: Prompts) -> list[torch.Tensor]:
+    items = list(xs.unbind(0)) if isinstance(xs, torch.Tensor) and xs.dim() == 3 else list(xs)
+    bad = [tuple(x.shape) for x in items if x.dim() != 2]
+    if bad:
+        raise ConfigError(f"prompts must be (length, hidden) tensors, got shapes {bad[:3]}")
+    return [x.detach().float().cpu() for x in items]
+
+
+def _cos(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(n, D) × (m, D) → (n, m) cosines."""
+    return F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).T
+
+
+def _mean_unit(prompts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([F.normalize(p, dim=-1).mean(0) for p in prompts])
+
+
+def _cosine_avg(xs: Prompts, ys: Prompts) -> torch.Tensor:
+    return _cos(torch.stack([p.mean(0) for p in _prompts(xs)]), torch.stack([q.mean(0) for q in _prompts(ys)]))
+
+
+def _cosine_tokens(xs: Prompts, ys: Prompts, normalize: bool = True) -> torch.Tensor:
+    u, v = _mean_unit(_prompts(xs)), _mean_unit(_prompts(ys))
+    return _cos(u, v) if normalize else u @ v.T
+
+
+def _euclidean(xs: Prompts, ys: Prompts) -> torch.Tensor:
+    a, b = _prompts(xs), _prompts(ys)
+    shapes = {tuple(p.shape) for p in a + b}
+    if len(shapes) > 1:
+        raise ConfigError(f"euclidean compares prompts of one shape, got {sorted(shapes)}; "
+                          "use cosine_avg or cosine_tokens for prompts of different lengths")
+    return 1.0 / (1.0 + torch.cdist(torch.stack(a).flatten(1), torch.stack(b).flatten(1)))
+
+
+def window(acts: torch.Tensor, layers: Layers = None) -> torch.Tensor:
+    """Activations (n, N_layers, F) (or one (N_layers, F), or one flat (F,)) cut to a layer window and flattened: (n, D)."""
+    if acts.dim() < 3:
+        acts = acts.reshape(1, 1, -1) if acts.dim() == 1 else acts[None]
+    if acts.dim() != 3:
+        raise ConfigError(f"activations must be (N_layers, F) or (n, N_layers, F), got {tuple(acts.shape)}")
+    if layers is not None:
+        index = list(range(acts.shape[1]))[layers] if isinstance(layers, slice) else list(layers)
+        if not index or any(not -acts.shape[1] <= i < acts.shape[1] for i in index):
+            raise ConfigError(f"layers {layers!r} select nothing or fall outside 0..{acts.shape[1] - 1}")
+        acts = acts[:, index]
+    return acts.flatten(1).float()
+
+
+def _on(a: torch.Tensor, b: torch.Tensor, layers: Layers = None) -> torch.Tensor:
+    x, y = (window(a, layers) > 0).float(), (window(b, layers) > 0).float()
+    both = x @ y.T                                                   # |β_a ∧ β_b|
+    sizes = torch.sqrt(x.sum(1)[:, None] * y.sum(1)[None, :])      # √(|β_a|·|β_b|)
+    return torch.where(sizes > 0, both / sizes.clamp(min=1), torch.zeros_like(both))
+
+
+def _activation_cosine(a: torch.Tensor, b: torch.Tensor, layers: Layers = None) -> torch.Tensor:
+    return _cos(window(a, layers), window(b, layers))
+
+
+PROMPT_METRICS: dict[str, Callable[..., torch.Tensor]] = {
+    "cosine_avg": _cosine_avg, "cosine_tokens": _cosine_tokens, "euclidean": _euclidean}
+ACTIVATION_METRICS: dict[str, Callable[..., torch.Tensor]] = {"on": _on, "activation_cosine": _activation_cosine}
+
+
+def score_matrix(metric: str, xs: Prompts | torch.Tensor, ys: Prompts | torch.Tensor, layers: Layers = None,
+                 normalize: bool = True) -> torch.Tensor:
+    """(n, m) scores of `metric` for every pair of n prompts (or activations) and m others."""
+    if metric in ACTIVATION_METRICS:
+        return ACTIVATION_METRICS[metric](xs, ys, layers)
+    if metric == "cosine_tokens":
+        return _cosine_tokens(xs, ys, normalize)
+    if metric in PROMPT_METRICS:
+        return PROMPT_METRICS[metric](xs, ys)
+    raise ConfigError(f"unknown metric {metric!r}; choose one of {sorted([*PROMPT_METRICS, *ACTIVATION_METRICS])}")
+
+
+def cosine_avg(p: torch.Tensor, q: torch.Tensor) -> float:
+    """cos(mean_i p_i, mean_j q_j) of two prompts (L, d)."""
+    return float(_cosine_avg([p], [q])[0, 0])
+
+
+def cosine_tokens(p: torch.Tensor, q: torch.Tensor, normalize: bool = True) -> float:
+    """Per-token average cosine of two prompts, normalised to 1 for a prompt with itself (see module doc)."""
+    return float(_cosine_tokens([p], [q], normalize)[0, 0])
+
+
+def euclidean(p: torch.Tensor, q: torch.Tensor) -> float:
+    """1 / (1 + ‖flat(P) − flat(Q)‖) of two prompts of the same shape."""
+    return float(_euclidean([p], [q])[0, 0])
+
+
+def on(a: torch.Tensor, b: torch.Tensor, layers: Layers = None) -> float:
+    """Overlap of activated neurons of two prompts' activations (N_layers, F) over a window of layers."""
+    return float(_on(a, b, layers)[0, 0])
+
+
+def activation_cosine(a: torch.Tensor, b: torch.Tensor, layers: Layers = None) -> float:
+    """Cosine of two prompts' (unbinarised) activations (N_layers, F) over a window of layers."""
+    return float(_activation_cosine(a, b, layers)[0, 0])

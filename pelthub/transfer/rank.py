@@ -1,0 +1,256 @@
+"""Rank source prompts for a new task: `rank_sources` and its `Ranking`.
+
+The target task is represented the SPoT way: by a prompt briefly tuned on it
+(with a trained copy of the task head), unless a tuned `target` model is
+given. Each candidate is scored against it with one metric (`metrics`), or by
+`zero_shot`: the target model's likelihood on the target data when the source
+prompt replaces its prompt as is,
+
+    zero_shot = exp(−mean CE) ∈ (0, 1]   (the geometric-mean probability of the right label).
+
+Activation metrics run every candidate (and the target) through the frozen
+base in stacked forwards, `chunk` prompts at a time.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, IncompatibleModuleError
+from ..model import attach
+from ..model.io import base_model_info, check_compatible
+from ..model.modular import ModularModel
+from ..modules.prompt import Prompt, PromptModule
+from ..tasks import Example
+from ..training import fit, mean_loss
+from .activations import prompt_activations
+from .methods import prompt_module, prompt_tensor
+from .metrics import ACTIVATION_METRICS, Layers, score_matrix
+
+METRICS = ("on", "activation_cosine", "cosine_avg", "cosine_tokens", "euclidean", "zero_shot")
+TARGET_NAME = "rank-target"
+
+
+@dataclass
+class Ranking:
+    """Candidates sorted by score, best first; `excluded` lists (name, reason) of those not scored."""
+
+    metric: str
+    rows: list[tuple[str, float]]
+    excluded: list[tuple[str, str]] = field(default_factory=list)
+    modules: dict[str, Any] = field(default_factory=dict, repr=False)
+    target_prompt: torch.Tensor | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def names(self, k: int | None = None) -> list[str]:
+        return [name for name, _ in self.rows[:k]]
+
+    def top(self, k: int = 1) -> dict[str, Any]:
+        """{name: module} of the k best, in rank order: sources for `AttentionMix`, or `init_from`.
+
+        Modules are what was passed (PromptModule or ModularModel); tensors and
+        registry refs come back as PromptModules.
+        """
+        return {name: self.modules[name] for name in self.names(k)}
+
+    @property
+    def best(self) -> Any:
+        """The best candidate's module."""
+        if not self.rows:
+            raise ConfigError(f"nothing was ranked; excluded: {self.excluded}")
+        return self.modules[self.rows[0][0]]
+
+    def table(self) -> str:
+        width = max([4, *(len(n) for n, _ in self.rows)])
+        lines = [f"{'RANK':>4}  {'NAME':<{width}}  {self.metric.upper()}"]
+        lines += [f"{i:>4}  {name:<{width}}  {score:.4f}" for i, (name, score) in enumerate(self.rows, 1)]
+        lines += [f"excluded {name}: {reason}" for name, reason in self.excluded]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric,
+                "ranking": [{"rank": i, "name": n, "score": s} for i, (n, s) in enumerate(self.rows, 1)],
+                "excluded": [{"name": n, "reason": r} for n, r in self.excluded]}
+
+
+def _is_card(value: Any) -> bool:
+    return hasattr(value, "ref") and hasattr(value, "base_model") and hasattr(value, "kinds")
+
+
+def _named(candidates: Any) -> list[tuple[str, Any]]:
+    if isinstance(candidates, (torch.Tensor, nn.Module, str)) or _is_card(candidates):
+        raise ConfigError("candidates must be a list or a {name: candidate} mapping, got one "
+                          f"{type(candidates).__name__}")
+    items = list(candidates.items()) if isinstance(candidates, Mapping) else [
+        (c if isinstance(c, str) else c.ref if _is_card(c) else f"candidate{i}", c) for i, c in enumerate(candidates)]
+    names = [n for n, _ in items]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"candidate names must be distinct, got {sorted(n for n in names if names.count(n) > 1)}")
+    return items
+
+
+def _from_registry(base: nn.Module, value: Any, registry: Any) -> PromptModule:
+    """Load a registry ref or card onto `base`, keep its prompt, and detach again."""
+    if registry is None:
+        from ..registry import Registry
+        registry = Registry()
+    card = value if _is_card(value) else registry.get(value)
+    check_compatible(card.base_model, base, f"module {card.ref}")
+    if "prompt" not in card.kinds:
+        raise ConfigError(f"holds no soft prompt (kinds: {', '.join(card.kinds)})")
+    model = registry.load(card.ref, base)
+    try:
+        found = prompt_module(model)
+    finally:
+        model.detach()
+    return found
+
+
+def resolve(base: nn.Module, candidates: Any, registry: Any = None,
+            progress: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[tuple[str, str]]]:
+    """Prompts (L, d) and modules of the usable candidates, and (name, reason) of the others."""
+    d = base.get_input_embeddings().weight.shape[1]
+    prompts: dict[str, torch.Tensor] = {}
+    modules: dict[str, Any] = {}
+    excluded: list[tuple[str, str]] = []
+    for name, value in tqdm(_named(candidates), desc="candidates", disable=not progress, leave=False):
+        try:
+            if isinstance(value, str) or _is_card(value):
+                value = _from_registry(base, value, registry)
+            elif isinstance(value, ModularModel):
+                check_compatible(base_model_info(value.base), base, f"candidate {name!r}")
+            prompt = prompt_tensor(value)
+            if prompt.shape[1] != d:
+                raise IncompatibleModuleError(f"prompt width {prompt.shape[1]} differs from this base's hidden "
+                                              f"size {d}")
+        except (IncompatibleModuleError, ConfigError) as e:
+            excluded.append((name, str(e)))
+            continue
+        prompts[name] = prompt.float().cpu()
+        modules[name] = PromptModule(Prompt(length=prompt.shape[0]), prompt.clone()) \
+            if isinstance(value, torch.Tensor) else value
+    return prompts, modules, excluded
+
+
+@torch.no_grad()
+def zero_shot(model: ModularModel, source: Any, data: Sequence[Example], tokenizer: Any, batch_size: int = 64,
+              max_length: int = 64) -> float:
+    """exp(−mean CE) of `model` on `data` with its prompt replaced by `source` as is (its head kept)."""
+    module = prompt_module(model)
+    saved = module.embeddings
+    module.embeddings = nn.Parameter(prompt_tensor(source).to(saved), requires_grad=False)
+    try:
+        return math.exp(-mean_loss(model, data, tokenizer, batch_size, max_length))
+    finally:
+        module.embeddings = saved
+
+
+def _tokenizer(base: nn.Module, tokenizer: Any) -> Any:
+    if tokenizer is not None:
+        return tokenizer
+    from transformers import AutoTokenizer
+    path = getattr(base.config, "name_or_path", "")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"no tokenizer found for {path!r} ({e}); pass tokenizer=") from None
+
+
+def _filler(tokenizer: Any) -> int | None:
+    for attr in ("mask_token_id", "cls_token_id", "bos_token_id", "pad_token_id"):
+        if getattr(tokenizer, attr, None) is not None:
+            return getattr(tokenizer, attr)
+    return None
+
+
+def rank_sources(base: nn.Module, target_data: Sequence[Example], candidates: Any, metric: str = "on", *,
+                 tokenizer: Any = None, target: ModularModel | Prompt | None = None, target_steps: int = 50,
+                 batch_size: int = 16, lr: float = 0.03, layers: Layers = None, position: str = "filler",
+                 registry: Any = None, eval_examples: int = 128, chunk: int = 64, seed: int = 0,
+                 max_length: int = 64, progress: bool = False) -> Ranking:
+    """Score every candidate source prompt for the target task and sort them, best first.
+
+    base: the plain sequence-classification model (its head's label count fits
+    `target_data`). candidates: a list or {name: candidate} mapping of (L, d)
+    tensors, PromptModules, ModularModels holding one prompt, registry refs
+    or cards (refs and cards are loaded through `registry`, default
+    `pelthub.Registry()`). Candidates trained on another architecture, of
+    another width, or holding no single prompt land in `Ranking.excluded`
+    with the reason. target: a ModularModel already tuned on the target (one
+    prompt plus head), or the Prompt config to tune for `target_steps` AdamW
+    steps (default: the most common candidate length, init "random").
+    layers: the ON / activation_cosine layer window; position: see
+    `activations`. zero_shot uses the first `eval_examples` target examples.
+    """
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
+    if isinstance(base, ModularModel):
+        raise ConfigError("rank_sources takes the plain base model; pass model.base (with no modules attached)")
+    if not target_data:
+        raise ConfigError("target_data is empty: give labelled examples of the target task")
+    tokenizer = _tokenizer(base, tokenizer)
+    prompts, modules, excluded = resolve(base, candidates, registry, progress)
+    if not isinstance(target_steps, int) or target_steps < 1:
+        raise ConfigError(f"target_steps must be a positive int, got {target_steps!r}")
+    if not prompts:
+        return Ranking(metric, [], excluded, {})
+    owned = not isinstance(target, ModularModel)
+    model = _tune_target(base, target_data, tokenizer, target, prompts, target_steps, batch_size, lr, seed,
+                         max_length, progress) if owned else target
+    try:
+        mine = prompt_tensor(model).float().cpu()
+        if metric == "euclidean":
+            bad = [n for n, p in prompts.items() if p.shape != mine.shape]
+            excluded += [(n, f"euclidean needs length {mine.shape[0]}, this prompt has {prompts.pop(n).shape[0]} "
+                             "tokens") for n in bad]
+        names = list(prompts)
+        if not names:
+            return Ranking(metric, [], excluded, {}, mine)
+        if metric == "zero_shot":
+            data = list(target_data)[:eval_examples]
+            scores = [zero_shot(model, prompts[n], data, tokenizer, max_length=max_length)
+                      for n in tqdm(names, desc="zero-shot", disable=not progress, leave=False)]
+        elif metric in ACTIVATION_METRICS:
+            acts = [prompt_activations(base, [mine, *[prompts[n] for n in names[i:i + chunk]]],
+                                       _filler(tokenizer), position, chunk + 1)
+                    for i in tqdm(range(0, len(names), chunk), desc="activations", disable=not progress, leave=False)]
+            scores = torch.cat([score_matrix(metric, a[:1], a[1:], layers)[0] for a in acts]).tolist()
+        else:
+            scores = score_matrix(metric, [mine], [prompts[n] for n in names])[0].tolist()
+    finally:
+        if owned:
+            model.detach()
+    rows = sorted(zip(names, map(float, scores)), key=lambda r: (-r[1], r[0]))
+    return Ranking(metric, rows, excluded, {n: modules[n] for n, _ in rows}, mine)
+
+
+def _tune_target(base: nn.Module, data: Sequence[Example], tokenizer: Any, target: Prompt | None,
+                 prompts: Mapping[str, torch.Tensor], steps: int, batch_size: int, lr: float, seed: int,
+                 max_length: int, progress: bool) -> ModularModel:
+    """A prompt (plus head) briefly tuned on the target task: its task embedding."""
+    labels = max(e.label for e in data) + 1
+    if labels > getattr(base.config, "num_labels", labels):
+        raise ConfigError(f"the target data has {labels} labels but the base's head has {base.config.num_labels}; "
+                          f"load it with num_labels={labels}")
+    if target is None:
+        target = Prompt(length=Counter(p.shape[0] for p in prompts.values()).most_common(1)[0][0])
+    if not isinstance(target, Prompt):
+        raise ConfigError(f"target must be a Prompt config or a tuned ModularModel, got {type(target).__name__}")
+    torch.manual_seed(seed)
+    model = attach(base, target, name=TARGET_NAME, head=True)
+    try:
+        fit(model, data, tokenizer, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+            max_length=max_length, progress="target prompt" if progress else False)
+    except BaseException:
+        model.detach()
+        raise
+    return model
+
