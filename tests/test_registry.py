@@ -180,6 +180,8 @@ def test_markdown_round_trip_and_hub_front_matter():
                  "- base_model:adapter:org/bert"):
         assert line in front
     assert "# m@2" in text and "accuracy = 0.9" in text
+    tricky = Card.from_dict(full_card(description="a\n---\nb: 1\nété", tags=["a: b", "---"]))
+    assert Card.from_markdown(tricky.to_markdown()) == tricky
     local = Card.from_dict(full_card(base_model={**full_card()["base_model"], "name": "/home/me/model"}))
     assert "base_model:" not in local.to_markdown().split("pelthub:\n")[0]  # a local path is no Hub id
 
@@ -361,6 +363,24 @@ def add_directories(path, dirs, barrier):
     barrier.wait(timeout=120)
     for d in dirs:
         reg.add(d, name=f"n{int(d.name) % 10}", tags=[f"w{d.name}"])
+
+
+def die_inside_the_transaction(path, ref):
+    reg = ph.Registry(path)
+    card = reg.get(ref)
+    with reg.index.write() as index:
+        index.insert(dataclasses.replace(card, version=index.allocate_version(card.name)))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_sigkill_inside_the_transaction_leaves_nothing(reg):
+    ref = reg.add(module(0), name="m")
+    proc = processes().Process(target=die_inside_the_transaction, args=(reg.root, ref))
+    proc.start()
+    proc.join(timeout=120)
+    assert proc.exitcode == -signal.SIGKILL
+    assert [c.ref for c in reg.search()] == ["m@1"] and reg.verify().ok
+    assert reg.add(module(1), name="m") == "m@2"  # the dead writer's lock and version number are gone
 
 
 def test_sigkill_mid_add_leaves_registry_consistent(tmp_path):

@@ -198,12 +198,10 @@ def parents(*blocks: Any, registry: Any = None) -> list[dict[str, Any]]:
 
 
 def _registry(registry: Any) -> Any:
+    """The registry given (anything with `.load(ref, base)` and `.get(ref)`), else the local one."""
     if registry is not None:
         return registry
-    try:
-        from ..registry import Registry
-    except ImportError:
-        raise ConfigError("registry refs need a registry: pass registry=") from None
+    from ..registry import Registry  # the registry depends on modules only; import it when refs are used
     return Registry()
 
 

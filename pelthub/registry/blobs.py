@@ -9,7 +9,6 @@ file changed on disk is reported, not loaded.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import stat
@@ -141,13 +140,13 @@ class BlobStore:
             dest.unlink()
             raise _corrupt(path, label, sha, actual)
 
-    def checkout(self, files: dict[str, str], label: str) -> Path:
-        """A read-only directory holding `files` (name -> sha256), shared by every reader of that content.
+    def checkout(self, key: str, files: dict[str, str], label: str) -> Path:
+        """A read-only directory `checkouts/<key>` holding `files` (name -> sha256), shared by its readers.
 
         Each call re-hashes the blobs and the directory's files; a directory
         found damaged is rebuilt from the blobs.
         """
-        target = self.checkouts / self.checkout_key(files)
+        target = self.checkouts / key
         if _matches(target, files):
             for name, sha in files.items():
                 self.check(sha, f"{label}: {name}")
@@ -203,11 +202,6 @@ class BlobStore:
                 shutil.rmtree(entry)
                 removed += 1
         return removed
-
-    @staticmethod
-    def checkout_key(files: dict[str, str]) -> str:
-        """The checkout directory name for a set of files (name -> sha256)."""
-        return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def _matches(directory: Path, files: dict[str, str]) -> bool:

@@ -93,11 +93,6 @@ class Index:
                 raise
         return conn
 
-    def close(self) -> None:
-        if self._conn is not None and self._pid == os.getpid():
-            self._conn.close()
-        self._conn = None
-
     @contextmanager
     def write(self) -> Iterator["Index"]:
         """One write transaction, holding SQLite's write lock from the start (no lock upgrades, no deadlock)."""

@@ -182,7 +182,8 @@ class Registry:
     def path(self, ref: str) -> Path:
         """A verified, read-only local directory holding the module's files (pelthub.json, modules.safetensors)."""
         card = self.get(ref)
-        return self.blobs.checkout({n: f["sha256"] for n, f in card.files.items()}, card.ref)
+        files = {n: f["sha256"] for n, f in card.files.items()}
+        return self.blobs.checkout(card.digest, files, card.ref)  # keyed by content: gc keeps live digests
 
     def load(self, ref: str, base: nn.Module) -> ModularModel:
         """Attach the module to `base` (a model or a ModularModel).

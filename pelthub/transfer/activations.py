@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..model.sites import Sites
@@ -42,7 +43,7 @@ def down_sites(base: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def prompt_activations(base: nn.Module, prompts: torch.Tensor | Sequence[torch.Tensor], filler_id: int | None = None,
-                       position: str = "filler", chunk: int = 64) -> torch.Tensor:
+                       position: str = "filler", chunk: int = 64, progress: bool = False) -> torch.Tensor:
     """FFN activations (B, N_layers, F) of B prompts, each (L_b, d), on the frozen `base`.
 
     `filler_id`: the token appended after the prompt (default: the config's
@@ -77,17 +78,16 @@ def prompt_activations(base: nn.Module, prompts: torch.Tensor | Sequence[torch.T
         by_length: dict[int, list[int]] = {}
         for i, p in enumerate(items):
             by_length.setdefault(p.shape[0], []).append(i)
-        for length, idx in by_length.items():
-            for start in range(0, len(idx), chunk):
-                part = idx[start:start + chunk]
-                x = torch.stack([items[i].to(device, dtype) for i in part])               # (b, L, d)
-                x = torch.cat([x, filler.expand(len(part), 1, d)], dim=1)                # (b, L+1, d)
-                captured.clear()
-                runner(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long, device=device))
-                acts = torch.stack(captured, dim=1).float()                             # (b, N, L+1, F)
-                kept = acts[:, :, length] if position == "filler" else acts[:, :, :length].mean(2)
-                for j, i in enumerate(part):
-                    out[i] = kept[j].cpu()
+        parts = [(length, idx[s:s + chunk]) for length, idx in by_length.items() for s in range(0, len(idx), chunk)]
+        for length, part in tqdm(parts, desc="activations", disable=not progress, leave=False):
+            x = torch.stack([items[i].to(device, dtype) for i in part])                # (b, L, d)
+            x = torch.cat([x, filler.expand(len(part), 1, d)], dim=1)                # (b, L+1, d)
+            captured.clear()
+            runner(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long, device=device))
+            acts = torch.stack(captured, dim=1).float()                               # (b, N, L+1, F)
+            kept = acts[:, :, length] if position == "filler" else acts[:, :, :length].mean(2)
+            for j, i in enumerate(part):
+                out[i] = kept[j].cpu()
     finally:
         for h in handles:
             h.remove()

@@ -219,10 +219,9 @@ def rank_sources(base: nn.Module, target_data: Sequence[Example], candidates: An
             scores = [zero_shot(model, prompts[n], data, tokenizer, max_length=max_length)
                       for n in tqdm(names, desc="zero-shot", disable=not progress, leave=False)]
         elif metric in ACTIVATION_METRICS:
-            acts = [prompt_activations(base, [mine, *[prompts[n] for n in names[i:i + chunk]]],
-                                       _filler(tokenizer), position, chunk + 1)
-                    for i in tqdm(range(0, len(names), chunk), desc="activations", disable=not progress, leave=False)]
-            scores = torch.cat([score_matrix(metric, a[:1], a[1:], layers)[0] for a in acts]).tolist()
+            acts = prompt_activations(base, [mine, *(prompts[n] for n in names)], _filler(tokenizer), position,
+                                      chunk, progress)
+            scores = score_matrix(metric, acts[:1], acts[1:], layers)[0].tolist()
         else:
             scores = score_matrix(metric, [mine], [prompts[n] for n in names])[0].tolist()
     finally:
