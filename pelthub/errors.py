@@ -59,3 +59,19 @@ class DataError(PeltError, ValueError):
 
 class RoutingError(PeltError, ValueError):
     """Task ids or routing settings are inconsistent with the composed model."""
+
+
+class HubAuthError(HubError):
+    """The Hub refused the request for want of a (valid, write-scoped) token."""
+
+
+class HubNotFoundError(HubError, LookupError):
+    """A Hub repo, revision or file does not exist (or is private and invisible to this token)."""
+
+
+class HubConnectionError(HubError):
+    """The Hub cannot be reached: offline mode, no network, or a wrong endpoint."""
+
+
+class HubIntegrityError(HubError, IntegrityError):
+    """A file downloaded from the Hub does not match the sha256 its card or the Hub records."""

@@ -180,6 +180,24 @@ def test_add_task_init_from_task_and_routing_only_tuning():
     torch.testing.assert_close(logits(model, inputs, task_ids=["a2"] * 3), logits(model, inputs, task_ids=["a"] * 3))
 
 
+def test_few_shot_on_a_new_task_moves_its_row_and_the_skills_only():
+    model = composed()
+    module = add_task(model, "new")  # tune="all": skills and routing
+    model.train()
+    rows = {g: z[:3].clone() for g, z in module.router.items()}
+    new_rows = {g: z[3].clone() for g, z in module.router.items()}
+    b_before = next(iter(module.layers.values())).lora_b.clone()
+    optimizer = torch.optim.AdamW(param_groups(model, lr_modules=1e-2, lr_routing=0.1))
+    inputs, labels = tiny.batch("bert"), torch.tensor([0, 1, 1])
+    for _ in range(3):
+        model(**inputs, task_ids=["new"] * 3, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for g, z in module.router.items():
+        assert torch.equal(z[:3], rows[g]) and not torch.equal(z[3], new_rows[g])
+    assert not torch.equal(next(iter(module.layers.values())).lora_b, b_before)
+
+
 # ------------------------------------------------------------------ training
 def test_gradients_reach_routing_after_the_first_step():
     model = ph.compose(tiny.bert(), ph.Poly(tasks=TASKS, skills=3, rank=2, heads=2)).train()

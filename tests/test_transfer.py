@@ -14,7 +14,7 @@ import torch
 from transformers import BertTokenizer
 
 import pelthub as ph
-from pelthub.errors import ConfigError
+from pelthub.errors import ConfigError, IncompatibleModuleError
 from pelthub.tasks import load_task
 from pelthub.training import fit
 from pelthub.transfer import (activation_cosine, cosine_avg, cosine_tokens, distill, euclidean, evaluate, init_from,
@@ -172,6 +172,8 @@ def test_euclidean_excludes_other_lengths_and_errors_are_clear(tokenizer):
         rank_sources(tiny.bert(), task_data(), cands, "nope", tokenizer=tokenizer)
     with pytest.raises(ConfigError, match="num_labels=4"):
         rank_sources(tiny.bert(), task_data("topic_news"), cands, tokenizer=tokenizer)
+    with pytest.raises(IncompatibleModuleError, match="target model"):
+        rank_sources(tiny.bert(), task_data(), cands, target=ph.attach(tiny.roberta(), ph.Prompt(length=4)))
     with pytest.raises(ConfigError, match="plain base"):
         rank_sources(ph.attach(tiny.bert(), ph.Prompt(length=4)), task_data(), cands, tokenizer=tokenizer)
 
@@ -235,7 +237,8 @@ def test_evaluate_reports_every_metric(tokenizer, tmp_path):
     assert set(study.spearman) == {"on", "activation_cosine", "cosine_avg", "cosine_tokens", "euclidean",
                                    "zero_shot", "same_family"}
     assert all(0 <= v <= 1 for v in study.top1.values())
-    assert "Spearman" in study.table() and json.loads(json.dumps(study.to_dict()))["tasks"] == tasks
+    assert "ρ vs loss gain" in study.table() and set(study.spearman_loss) == set(study.spearman)
+    assert json.loads(json.dumps(study.to_dict()))["tasks"] == tasks
     fig = heatmap(study.scores["on"], tasks, tasks, "ON", path=tmp_path / "on.png")
     assert (tmp_path / "on.png").stat().st_size > 0 and fig.axes
     graph = similarity_graph(tasks, study.scores["same_family"], threshold=0.5, families=study.families)

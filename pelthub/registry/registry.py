@@ -238,6 +238,19 @@ class Registry:
                 graph.add_edge(parent["ref"], card.ref, sha256=parent["sha256"])
         return graph
 
+    # ----- the Hugging Face Hub (implemented in pelthub.hub, imported when used) -----
+    def push(self, ref: str, repo_id: str, revision: str | None = None, private: bool = False,
+             token: str | None = None, endpoint: str | None = None, tag: str | None = None) -> str:
+        """Upload module `ref` to Hub repo `repo_id` in one commit; returns the commit sha (see pelthub.hub.push)."""
+        from ..hub import push
+        return push(self, ref, repo_id, revision=revision, private=private, token=token, endpoint=endpoint, tag=tag)
+
+    def pull(self, repo_id: str, revision: str | None = None, endpoint: str | None = None,
+             token: str | None = None, name: str | None = None) -> str:
+        """Download a module (and the modules it was built from) from the Hub, verified; returns its ref."""
+        from ..hub import pull
+        return pull(self, repo_id, revision=revision, endpoint=endpoint, token=token, name=name)
+
     # ----- maintenance -----
     def remove(self, ref: str, force: bool = False) -> list[str]:
         """Remove one version ("name@version") or every version ("name"); returns the refs removed.

@@ -10,9 +10,10 @@ For tasks T₁..T_n (each in turn source and target):
 3. per pair s ≠ t, the same run starts from P_s instead (`init_from`), with
    the same seed, data order and head: accuracy a(s, t).
 
-    gain(s, t) = a(s, t) − a₀(t)
+    gain(s, t) = a(s, t) − a₀(t)          loss_gain(s, t) = ℓ₀(t) − ℓ(s, t)   (dev cross-entropy)
 
-Per metric over the n(n−1) pairs: Spearman ρ(score, gain) (scipy.stats), and
+Per metric over the n(n−1) pairs: Spearman ρ(score, gain) and ρ(score,
+loss_gain) (scipy.stats; the loss gain does not tie at 100 % accuracy), and
 the top-1 hit rate: the share of targets whose top-scored source is the
 source of the largest gain (with ties at the top, the share of tied sources
 that are it). `pick_gain` is the mean gain of the top-scored source. The
@@ -35,7 +36,7 @@ from ..errors import ConfigError
 from ..model import attach
 from ..modules.prompt import Prompt
 from ..tasks import load_task
-from ..training import accuracy, fit
+from ..training import accuracy, fit, mean_loss
 from .methods import init_from, prompt_tensor
 from .rank import METRICS, rank_sources
 
@@ -48,31 +49,39 @@ class TransferStudy:
 
     tasks: list[str]
     families: list[str]
-    baseline: np.ndarray                 # (n,) a₀(t)
+    baseline: np.ndarray                 # (n,) a₀(t): dev accuracy from a random start
     transferred: np.ndarray              # (n, n) a(s, t), NaN on the diagonal
+    baseline_loss: np.ndarray            # (n,) dev cross-entropy from a random start
+    transferred_loss: np.ndarray         # (n, n) dev cross-entropy starting from s, NaN on the diagonal
     scores: dict[str, np.ndarray]        # metric → (n, n) score(s, t), NaN on the diagonal
     source_accuracy: np.ndarray          # (n,) dev accuracy of each fully tuned source prompt
-    spearman: dict[str, tuple[float, float]] = field(default_factory=dict)   # metric → (ρ, p)
+    spearman: dict[str, tuple[float, float]] = field(default_factory=dict)       # metric → (ρ, p) vs gains
+    spearman_loss: dict[str, tuple[float, float]] = field(default_factory=dict)  # metric → (ρ, p) vs loss_gains
     top1: dict[str, float] = field(default_factory=dict)
     pick_gain: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
     def gains(self) -> np.ndarray:
+        """Accuracy gain a(s, t) − a₀(t)."""
         return self.transferred - self.baseline[None, :]
 
+    @property
+    def loss_gains(self) -> np.ndarray:
+        """Dev loss reduction: loss₀(t) − loss(s, t) (not capped at 100 % accuracy, so less tied)."""
+        return self.baseline_loss[None, :] - self.transferred_loss
+
     def summarise(self) -> None:
-        """Fill `spearman`, `top1` and `pick_gain` from the matrices."""
-        off = ~np.eye(len(self.tasks), dtype=bool)
+        """Fill `spearman`, `spearman_loss`, `top1` and `pick_gain` from the matrices."""
+        n = len(self.tasks)
+        off = ~np.eye(n, dtype=bool)
         gains = self.gains
-        best = [set(np.flatnonzero(np.isclose(gains[off[:, t], t], np.nanmax(gains[off[:, t], t]))))
-                for t in range(len(self.tasks))]
+        best = [set(np.flatnonzero(np.isclose(gains[off[:, t], t], gains[off[:, t], t].max()))) for t in range(n)]
         for metric, score in self.scores.items():
-            varies = np.ptp(score[off]) > 0 and np.ptp(gains[off]) > 0
-            rho, p = spearmanr(score[off], gains[off]) if varies else (math.nan, math.nan)
-            self.spearman[metric] = (float(rho), float(p))
+            self.spearman[metric] = _spearman(score[off], gains[off])
+            self.spearman_loss[metric] = _spearman(score[off], self.loss_gains[off])
             hits, picks = [], []
-            for t in range(len(self.tasks)):
+            for t in range(n):
                 s, g = score[off[:, t], t], gains[off[:, t], t]
                 top = np.flatnonzero(np.isclose(s, s.max()))
                 hits.append(len(best[t] & set(top)) / len(top))
@@ -80,28 +89,40 @@ class TransferStudy:
             self.top1[metric], self.pick_gain[metric] = float(np.mean(hits)), float(np.mean(picks))
 
     def table(self) -> str:
-        """Markdown: one row per metric."""
-        lines = ["| metric | Spearman ρ | p | top-1 hit rate | gain of top pick |", "|---|---:|---:|---:|---:|"]
+        """Markdown: one row per metric, then the spread of the measured gains."""
+        lines = ["| metric | ρ vs accuracy gain (p) | ρ vs loss gain (p) | top-1 hit rate | accuracy gain of top pick |",
+                 "|---|---:|---:|---:|---:|"]
         for metric in self.scores:
-            rho, p = self.spearman[metric]
-            lines.append(f"| {metric} | {rho:+.3f} | {p:.3g} | {self.top1[metric]:.2f} | "
+            (rho, p), (rho_l, p_l) = self.spearman[metric], self.spearman_loss[metric]
+            lines.append(f"| {metric} | {rho:+.3f} ({p:.2g}) | {rho_l:+.3f} ({p_l:.2g}) | {self.top1[metric]:.2f} | "
                          f"{100 * self.pick_gain[metric]:+.1f} pts |")
         off = ~np.eye(len(self.tasks), dtype=bool)
         g = self.gains[off]
-        best = np.nanmax(np.where(off, self.gains, -np.inf), axis=0)
-        lines.append(f"\n{len(self.tasks)} tasks, {off.sum()} pairs; gain mean {100 * g.mean():+.1f} pts, "
-                     f"min {100 * g.min():+.1f}, max {100 * g.max():+.1f}; oracle top-1 pick gain "
-                     f"{100 * best.mean():+.1f} pts, random pick {100 * g.mean():+.1f} pts; {self.seconds:.0f} s")
+        best = np.where(off, self.gains, -np.inf).max(axis=0)
+        lines.append(f"\n{len(self.tasks)} tasks, {off.sum()} pairs; accuracy gain mean {100 * g.mean():+.1f} pts "
+                     f"(= a random pick), min {100 * g.min():+.1f}, max {100 * g.max():+.1f}; best source per "
+                     f"target (oracle) {100 * best.mean():+.1f} pts; {self.seconds:.0f} s")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         def rows(m: np.ndarray) -> list[list[float | None]]:
             return [[None if math.isnan(v) else float(v) for v in row] for row in m]
         return {"tasks": self.tasks, "families": self.families, "baseline": self.baseline.tolist(),
-                "source_accuracy": self.source_accuracy.tolist(), "transferred": rows(self.transferred),
-                "gains": rows(self.gains), "scores": {m: rows(s) for m, s in self.scores.items()},
+                "baseline_loss": self.baseline_loss.tolist(), "source_accuracy": self.source_accuracy.tolist(),
+                "transferred": rows(self.transferred), "transferred_loss": rows(self.transferred_loss),
+                "gains": rows(self.gains), "loss_gains": rows(self.loss_gains),
+                "scores": {m: rows(s) for m, s in self.scores.items()},
                 "spearman": {m: {"rho": r, "p": p} for m, (r, p) in self.spearman.items()},
+                "spearman_loss": {m: {"rho": r, "p": p} for m, (r, p) in self.spearman_loss.items()},
                 "top1": self.top1, "pick_gain": self.pick_gain, "seconds": self.seconds}
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Spearman ρ and its p-value; NaN when either side is constant."""
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan, math.nan
+    rho, p = spearmanr(x, y)
+    return float(rho), float(p)
 
 
 def evaluate(base_factory: Callable[[int], nn.Module], tokenizer: Any, tasks: Sequence[str],
@@ -135,6 +156,10 @@ def evaluate(base_factory: Callable[[int], nn.Module], tokenizer: Any, tasks: Se
             max_length=max_length, progress=what if progress else False)
         return model
 
+    def measure(model: Any, i: int) -> tuple[float, float]:
+        return (accuracy(model, data[i].dev, tokenizer, max_length=max_length),
+                mean_loss(model, data[i].dev, tokenizer, max_length=max_length))
+
     n = len(tasks)
     sources, source_acc = [], np.zeros(n)
     for i in range(n):
@@ -143,11 +168,12 @@ def evaluate(base_factory: Callable[[int], nn.Module], tokenizer: Any, tasks: Se
         sources.append(prompt_tensor(model).clone())
         model.detach()
     baseline, transferred = np.zeros(n), np.full((n, n), np.nan)
+    baseline_loss, transferred_loss = np.zeros(n), np.full((n, n), np.nan)
     scores = {m: np.full((n, n), np.nan) for m in metrics}
     pairs = tqdm(total=n * n, desc="transfer pairs", disable=not progress)
     for t in range(n):
         model = run(t, None, target_steps, f"target {tasks[t]}")
-        baseline[t] = accuracy(model, data[t].dev, tokenizer, max_length=max_length)
+        baseline[t], baseline_loss[t] = measure(model, t)
         others = {tasks[s]: sources[s] for s in range(n) if s != t}
         for metric in metrics:
             ranking = rank_sources(model.base, data[t].train, others, metric, tokenizer=tokenizer, target=model,
@@ -159,14 +185,15 @@ def evaluate(base_factory: Callable[[int], nn.Module], tokenizer: Any, tasks: Se
         for s in range(n):
             if s != t:
                 model = run(t, sources[s], target_steps, f"{tasks[s]} -> {tasks[t]}")
-                transferred[s, t] = accuracy(model, data[t].dev, tokenizer, max_length=max_length)
+                transferred[s, t], transferred_loss[s, t] = measure(model, t)
                 model.detach()
                 pairs.update()
     pairs.close()
     families = [d.family for d in data]
     scores[REFERENCE] = np.array([[1.0 if fs == ft else 0.0 for ft in families] for fs in families])
     np.fill_diagonal(scores[REFERENCE], np.nan)
-    study = TransferStudy(list(tasks), families, baseline, transferred, scores, source_acc,
+    study = TransferStudy(list(tasks), families, baseline, transferred, baseline_loss, transferred_loss, scores,
+                          source_acc,
                           seconds=time.perf_counter() - start)
     study.summarise()
     return study

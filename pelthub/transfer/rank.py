@@ -188,7 +188,11 @@ def rank_sources(base: nn.Module, target_data: Sequence[Example], candidates: An
     prompt plus head), or the Prompt config to tune for `target_steps` AdamW
     steps (default: the most common candidate length, init "random").
     layers: the ON / activation_cosine layer window; position: see
-    `activations`. zero_shot uses the first `eval_examples` target examples.
+    `activations`; the filler token is the tokenizer's mask token (else its
+    CLS, BOS or pad token; the config's pad token when no tokenizer is
+    needed or given). zero_shot uses the first `eval_examples` target
+    examples. `tokenizer` defaults to `AutoTokenizer` for the base's
+    `name_or_path` when tuning or zero_shot needs one.
     """
     if metric not in METRICS:
         raise ConfigError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
@@ -196,13 +200,16 @@ def rank_sources(base: nn.Module, target_data: Sequence[Example], candidates: An
         raise ConfigError("rank_sources takes the plain base model; pass model.base (with no modules attached)")
     if not target_data:
         raise ConfigError("target_data is empty: give labelled examples of the target task")
-    tokenizer = _tokenizer(base, tokenizer)
-    prompts, modules, excluded = resolve(base, candidates, registry, progress)
     if not isinstance(target_steps, int) or target_steps < 1:
         raise ConfigError(f"target_steps must be a positive int, got {target_steps!r}")
+    owned = not isinstance(target, ModularModel)
+    if not owned and target.base is not base:
+        check_compatible(base_model_info(target.base), base, "the target model")
+    if owned or metric == "zero_shot":
+        tokenizer = _tokenizer(base, tokenizer)
+    prompts, modules, excluded = resolve(base, candidates, registry, progress)
     if not prompts:
         return Ranking(metric, [], excluded, {})
-    owned = not isinstance(target, ModularModel)
     model = _tune_target(base, target_data, tokenizer, target, prompts, target_steps, batch_size, lr, seed,
                          max_length, progress) if owned else target
     try:

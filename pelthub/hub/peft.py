@@ -1,0 +1,309 @@
+"""PEFT's adapter format, both ways, for LoRA, IA3, prompt tuning, prefix tuning and Poly.
+
+`export(ref, dir, format="peft")` writes `adapter_config.json`,
+`adapter_model.safetensors` and a README.md that `peft.PeftModel.from_pretrained`
+loads; `from_peft(dir_or_repo, base)` attaches a PEFT adapter to a model as
+pelthub modules and `import_peft(dir_or_repo)` registers it. Neither needs
+the `peft` package: the format is plain JSON and safetensors.
+
+PEFT keeps one adapter of one method per folder, so a module set holding one
+kind (plus, optionally, its trained task head, which PEFT calls
+`modules_to_save`) converts; composed modules and kinds PEFT lacks
+(bottleneck adapters, Compacter, UniPELT, ...) stay in pelthub's format.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import ConfigError, ModuleFormatError
+from ..model import ModularModel
+from ..model.io import CONFIG_FILE, WEIGHTS_FILE, read_description
+from ..modules.base import site_key, site_name
+from ..modules.config import one_of
+from ..registry import Registry
+from ..registry.card import HUB_ID_RE
+from .client import download, resolve
+from .peft_methods import FROM_PEFT, PEFT_TYPES, PREFIX, PROMPT_LEARNING, TO_PEFT, Tensors
+from .sync import write_folder
+
+FORMATS = ("peft", "pelthub")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLED = "adapter_model.bin"
+ENCODER_DECODER = {"t5", "mt5", "bart", "mbart"}
+DECODER_ONLY = {"gpt2", "llama", "mistral", "qwen2", "qwen3"}
+HEAD_TASKS = {"classifier": "SEQ_CLS", "score": "SEQ_CLS", "qa_outputs": "QUESTION_ANS"}
+TASK_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "CAUSAL_LM": "AutoModelForCausalLM",
+                "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "TOKEN_CLS": "AutoModelForTokenClassification",
+                "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel"}
+
+
+# ----- pelthub → PEFT -----
+def export(source: str | os.PathLike | ModularModel, directory: str | os.PathLike, format: str = "peft",
+           registry: Registry | None = None, task_type: str | None = None) -> Path:
+    """Write a module to `directory` as "peft" (PEFT's adapter folder) or "pelthub" (module files + card README).
+
+    source: a registry ref, a folder written by `save_pretrained`, or (for
+    "peft") a ModularModel. task_type: PEFT's task type (SEQ_CLS, CAUSAL_LM,
+    ...), by default read from the trained head or the model family.
+    """
+    one_of("export", "format", format, FORMATS)
+    if format == "pelthub":
+        if not isinstance(source, str):
+            raise ConfigError("export(format='pelthub') takes a registry ref; write a model's files with "
+                              "model.save_pretrained(dir)")
+        reg = registry or Registry()
+        return write_folder(reg, reg.get(source), Path(directory))
+    with _pelthub_folder(source, registry) as (folder, title):
+        return to_peft(folder, directory, task_type=task_type, title=title)
+
+
+@contextmanager
+def _pelthub_folder(source: Any, registry: Registry | None) -> Iterator[tuple[Path, str]]:
+    if isinstance(source, ModularModel):
+        with tempfile.TemporaryDirectory() as tmp:
+            source.save_pretrained(tmp)
+            yield Path(tmp), "a pelthub model"
+    elif isinstance(source, (str, os.PathLike)) and (Path(source) / CONFIG_FILE).is_file():
+        yield Path(source), Path(source).name
+    elif isinstance(source, str):
+        reg = registry or Registry()
+        card = reg.get(source)
+        yield reg.path(card.ref), card.ref
+    else:
+        raise ConfigError(f"export() takes a registry ref, a module folder or a ModularModel, got "
+                          f"{type(source).__name__}")
+
+
+def to_peft(folder: str | os.PathLike, directory: str | os.PathLike, task_type: str | None = None,
+            title: str = "a pelthub module") -> Path:
+    """Convert a pelthub module folder (pelthub.json + modules.safetensors) into a PEFT adapter folder."""
+    description = read_description(folder)
+    tensors = load_file(str(Path(folder) / WEIGHTS_FILE))
+    sets = description["modules"]
+    if len(sets) != 1 or len(next(iter(sets.values()))) != 1:
+        raise ConfigError(f"PEFT keeps one adapter of one method per folder; {title} holds "
+                          f"{ {s: [c['kind'] for c in cs] for s, cs in sets.items()} }: export it with "
+                          "format='pelthub', or export a module of a single kind")
+    set_name, (config,) = next(iter(sets.items()))
+    kind, base = config["kind"], description["base_model"]
+    fp = base["fingerprint"]
+    if kind not in TO_PEFT:
+        raise ConfigError(f"PEFT has no format for pelthub's {kind!r} modules (it has {sorted(TO_PEFT)}); "
+                          "export with format='pelthub'")
+    if kind == "prefix" and fp.get("model_type") in ENCODER_DECODER:
+        raise ConfigError("an encoder-decoder prefix differs between the two: pelthub prefixes the decoder "
+                          "self-attention only, PEFT the encoder and the decoder; export with format='pelthub'")
+    fields, state = TO_PEFT[kind](config, _under(tensors, f"adapters.{set_name}.{kind}."), fp)
+    heads = _under(tensors, f"heads.{set_name}.")
+    head_names = sorted({site_name(k.split(".")[0]) for k in heads})
+    prefix = "base_model." if kind in PROMPT_LEARNING else PREFIX  # where PeftModel keeps the wrapped model
+    state.update({f"{prefix}{site_name(k.split('.', 1)[0])}.{k.split('.', 1)[1]}": t for k, t in heads.items()})
+    task_type = task_type or _task_type(head_names, fp.get("model_type"))
+    one_of("export", "task_type", task_type, TASK_CLASSES)
+    adapter = {"peft_type": PEFT_TYPES[kind], "task_type": task_type, "base_model_name_or_path": base["name"] or None,
+               "revision": base.get("revision"), "inference_mode": True, "modules_to_save": head_names or None,
+               **fields}
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (out / ADAPTER_CONFIG).write_text(json.dumps(adapter, indent=2, sort_keys=True), encoding="utf-8")
+    (out / "README.md").write_text(_readme(adapter, kind, title), encoding="utf-8")
+    return out
+
+
+def _under(tensors: Tensors, prefix: str) -> Tensors:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _task_type(heads: list[str], model_type: str | None) -> str:
+    if heads and heads[0] in HEAD_TASKS:
+        return HEAD_TASKS[heads[0]]
+    if model_type in ENCODER_DECODER:
+        return "SEQ_2_SEQ_LM"
+    return "CAUSAL_LM" if model_type in DECODER_ONLY or heads == ["lm_head"] else "SEQ_CLS"
+
+
+def _readme(adapter: dict[str, Any], kind: str, title: str) -> str:
+    base = adapter["base_model_name_or_path"]
+    hub_base = base if base and HUB_ID_RE.match(base) else None
+    tags = [*([f"base_model:adapter:{hub_base}"] if hub_base else []), kind, "transformers", "pelthub"]
+    front = "\n".join(["---", "library_name: peft", *([f"base_model: {hub_base}"] if hub_base else []), "tags:",
+                       *(f"- {t}" for t in tags), "---"])
+    return (f"{front}\n\n# {kind} adapter (PEFT format)\n\nExported by pelthub from {title}; trained on "
+            f"{base or 'an unnamed base model'}.\n\n```python\nfrom peft import PeftModel\n"
+            "model = PeftModel.from_pretrained(base, path_or_repo_id)   # base: the model named above\n```\n")
+
+
+# ----- PEFT → pelthub -----
+@dataclass(frozen=True)
+class PeftAdapter:
+    """A PEFT adapter read from a folder or a Hub repo (verified against the Hub's sha256)."""
+
+    config: dict[str, Any]
+    state: Tensors
+    source: dict[str, Any]
+    name: str
+
+
+def from_peft(source: str | os.PathLike, base: nn.Module, name: str = "default", revision: str | None = None,
+              endpoint: str | None = None, token: str | None = None, tasks: Iterable[str] | None = None
+              ) -> ModularModel:
+    """Attach a PEFT adapter (folder or Hub repo id) to `base` as pelthub modules named `name`.
+
+    tasks: names for a Poly adapter's tasks (PEFT only numbers them: "0", "1", ...).
+    """
+    with read_peft(source, revision, endpoint, token) as adapter:
+        return _attach(base, adapter, name, tasks)
+
+
+def import_peft(source: str | os.PathLike, registry: Registry | None = None, name: str | None = None,
+                base: nn.Module | None = None, task: str | None = None, tags: Iterable[str] | str | None = None,
+                revision: str | None = None, endpoint: str | None = None, token: str | None = None,
+                tasks: Iterable[str] | None = None) -> str:
+    """Register a PEFT adapter (folder or Hub repo id) in the registry; returns its ref.
+
+    The registry records the base model's architecture fingerprint: from
+    `base` if given, else from a weightless copy of `base_model_name_or_path`
+    built from its config (a local path, or a Hub id read from HF_ENDPOINT).
+    """
+    with read_peft(source, revision, endpoint, token) as adapter:
+        model = ModularModel(_base_for(adapter, base, token))
+        try:
+            _attach(model, adapter, "default", tasks)
+            return (registry or Registry()).add(model, name=name or _safe_name(adapter.name), task=task, tags=tags,
+                                                source=adapter.source)
+        finally:
+            model.detach()
+
+
+@contextmanager
+def read_peft(source: str | os.PathLike, revision: str | None = None, endpoint: str | None = None,
+              token: str | None = None) -> Iterator[PeftAdapter]:
+    """The adapter in a local folder, or in a Hub repo (downloaded to a temporary folder and verified)."""
+    path = Path(source)
+    if path.is_dir():
+        yield _read_folder(path, {"format": "peft", "path": str(path.resolve())}, path.resolve().name)
+        return
+    repo_id = str(source)
+    if not HUB_ID_RE.match(repo_id):
+        raise ConfigError(f"{repo_id!r} is neither a folder nor a Hub repo id ('user/name')")
+    commit, siblings = resolve(repo_id, revision, endpoint, token)
+    if ADAPTER_CONFIG not in siblings:
+        hint = (f"it holds a pelthub module: Registry.pull({repo_id!r})" if CONFIG_FILE in siblings
+                else f"it holds {', '.join(sorted(siblings)) or 'nothing'}")
+        raise ModuleFormatError(f"{repo_id} is not a PEFT adapter (no {ADAPTER_CONFIG}); {hint}")
+    files = [ADAPTER_CONFIG, ADAPTER_WEIGHTS if ADAPTER_WEIGHTS in siblings else PICKLED]
+    if files[1] not in siblings:
+        raise ModuleFormatError(f"{repo_id} has no {ADAPTER_WEIGHTS}")
+    _refuse_pickle(files[1], repo_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        snap = download(repo_id, commit, siblings, files, Path(tmp), endpoint, token)
+        yield _read_folder(snap.directory, {"format": "peft", "repo_id": repo_id, "commit": commit,
+                                            "endpoint": snap.endpoint}, repo_id.rsplit("/", 1)[-1])
+
+
+def _refuse_pickle(weights: str, where: str) -> None:
+    if weights == PICKLED:
+        raise ModuleFormatError(f"{where} stores its weights as {PICKLED} (pickle), which pelthub never reads; "
+                                "save it with safetensors (PEFT's default: model.save_pretrained(dir))")
+
+
+def _read_folder(folder: Path, source: dict[str, Any], name: str) -> PeftAdapter:
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise ModuleFormatError(f"{folder} has no {ADAPTER_CONFIG}: not a PEFT adapter folder")
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        _refuse_pickle(PICKLED if (folder / PICKLED).is_file() else "", str(folder))
+        raise ModuleFormatError(f"{folder} has no {ADAPTER_WEIGHTS}")
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModuleFormatError(f"{folder / ADAPTER_CONFIG} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ModuleFormatError(f"{folder / ADAPTER_CONFIG} must hold a JSON object")
+    return PeftAdapter(config, load_file(str(folder / ADAPTER_WEIGHTS)), source, name)
+
+
+def _attach(base: nn.Module, adapter: PeftAdapter, name: str, tasks: Iterable[str] | None) -> ModularModel:
+    cfg = adapter.config
+    peft_type = cfg.get("peft_type")
+    if peft_type not in FROM_PEFT:
+        raise ConfigError(f"PEFT {peft_type} adapters have no pelthub equivalent; pelthub reads "
+                          f"{', '.join(sorted(FROM_PEFT))}")
+    config, own, used = FROM_PEFT[peft_type](cfg, adapter.state, tasks)
+    prompt_learning = config.kind in PROMPT_LEARNING
+    heads = _heads(cfg, {k: v for k, v in adapter.state.items() if k not in used}, prompt_learning)
+    model = base if isinstance(base, ModularModel) else ModularModel(base)
+    head = next(iter(heads), None)
+    model.add(name, [config], init=False, head=head or False)
+    try:
+        _load(model.adapters[name][config.kind], own, peft_type)
+        if head:
+            trained = model.heads[name][site_key(head)]
+            if any(p.is_meta for p in trained.parameters()):  # a copy of a weightless base's head
+                trained.to_empty(device="cpu")
+            _load(trained, heads[head], f"{peft_type} {head}")
+    except BaseException:
+        model.remove(name)
+        raise
+    return model
+
+
+def _heads(cfg: dict[str, Any], rest: Tensors, prompt_learning: bool) -> dict[str, Tensors]:
+    """The modules PEFT saved besides the adapter (`modules_to_save`): a task head, for pelthub."""
+    prefix = "base_model." if prompt_learning else PREFIX
+    names = sorted(cfg.get("modules_to_save") or [], key=len, reverse=True)
+    heads: dict[str, Tensors] = {}
+    for key, tensor in rest.items():
+        inner = key[len(prefix):] if key.startswith(prefix) else ""
+        head = next((m for m in names if inner.startswith(m + ".")), None)
+        if head is None:
+            raise ModuleFormatError(f"PEFT weight {key!r} belongs neither to the {cfg.get('peft_type')} layers nor "
+                                    f"to modules_to_save {cfg.get('modules_to_save')}; pelthub cannot place it")
+        heads.setdefault(head, {})[inner[len(head) + 1:]] = tensor
+    if len(heads) > 1:
+        raise ConfigError(f"this PEFT adapter also trains {sorted(heads)}; a pelthub module carries one task head")
+    return heads
+
+
+def _load(module: nn.Module, tensors: Tensors, what: str) -> None:
+    try:
+        module.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise ModuleFormatError(f"the PEFT {what} weights do not fit this base model "
+                                f"({str(e).splitlines()[-1].strip()[:200]}); pass the base it was trained on") from None
+
+
+def _base_for(adapter: PeftAdapter, base: nn.Module | None, token: str | None) -> nn.Module:
+    """`base` itself, or a weightless (meta-device) copy of the adapter's base model, built from its config."""
+    if base is not None:
+        return base.base if isinstance(base, ModularModel) else base
+    cfg = adapter.config
+    name = cfg.get("base_model_name_or_path")
+    if not name:
+        raise ConfigError("this PEFT adapter does not name its base model; pass base= (the model it was trained on)")
+    cls = getattr(transformers, TASK_CLASSES.get(cfg.get("task_type") or "", "AutoModel"))
+    try:
+        config = transformers.AutoConfig.from_pretrained(name, revision=cfg.get("revision"), token=token)
+        with torch.device("meta"):
+            return cls.from_config(config)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read the config of base model {name!r} ({str(e).splitlines()[0][:160]}); pass "
+                          "base= (the model the adapter was trained on)") from None
+
+
+def _safe_name(name: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).replace("..", ".").strip("-._")
+    return cleaned[:100] or "peft-adapter"
