@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 from .errors import PeltError
@@ -160,6 +161,99 @@ def _demo(args: argparse.Namespace) -> int:
     return int(demo.main(args) or 0)
 
 
+# ----- the Hub and PEFT (pelthub.hub); tokens come from HF_TOKEN or `hf auth login` and are never printed -----
+def _endpoint_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", help="Hub URL (default: $HF_ENDPOINT, else https://huggingface.co)")
+
+
+def _push_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ref", help="NAME[@VERSION] in the registry")
+    p.add_argument("repo_id", help="Hub repo, e.g. me/sst2-prompt (created if missing)")
+    p.add_argument("--revision", help="branch to commit to (default: main; created if missing)")
+    p.add_argument("--tag", help="tag to put on the new commit, e.g. v1.0")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    _endpoint_arg(p)
+
+
+def _push(args: argparse.Namespace) -> int:
+    commit = registry(args).push(args.ref, args.repo_id, revision=args.revision, private=args.private,
+                                 endpoint=args.endpoint, tag=args.tag)
+    emit(args, {"ref": args.ref, "repo_id": args.repo_id, "commit": commit},
+         f"pushed {args.ref} to {args.repo_id} at commit {commit}")
+    return 0
+
+
+def _pull_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("repo_id", help="Hub repo holding a pushed pelthub module")
+    p.add_argument("--revision", help="branch, tag or commit sha (default: main)")
+    p.add_argument("--name", help="register under this name instead of the card's")
+    _endpoint_arg(p)
+
+
+def _pull(args: argparse.Namespace) -> int:
+    reg = registry(args)
+    ref = reg.pull(args.repo_id, revision=args.revision, endpoint=args.endpoint, name=args.name)
+    card = reg.get(ref)
+    emit(args, card_json(card), f"pulled {args.repo_id} as {ref} (commit {card.source['commit']})")
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ref", help="NAME[@VERSION] in the registry")
+    p.add_argument("dir", help="folder to write")
+    p.add_argument("--format", choices=["peft", "pelthub"], default="peft")
+    p.add_argument("--task-type", help="PEFT task type (SEQ_CLS, CAUSAL_LM, ...; default: from the module)")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .hub import export
+    out = export(args.ref, args.dir, format=args.format, registry=registry(args), task_type=args.task_type)
+    emit(args, {"ref": args.ref, "dir": str(out), "format": args.format}, f"wrote {args.ref} to {out} ({args.format})")
+    return 0
+
+
+def _import_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="a PEFT adapter folder or Hub repo id, or a pelthub module folder")
+    p.add_argument("--name", help="registry name (default: from the folder or repo name)")
+    p.add_argument("--task", help="task the module was trained on")
+    p.add_argument("--revision", help="branch, tag or commit sha of a Hub repo")
+    _endpoint_arg(p)
+
+
+def _import(args: argparse.Namespace) -> int:
+    from .hub import import_peft
+    from .model.io import CONFIG_FILE
+    reg = registry(args)
+    source = Path(args.source)
+    if (source / CONFIG_FILE).is_file():  # already pelthub's format
+        ref = reg.add(source, name=args.name or source.resolve().name, task=args.task)
+    else:
+        ref = import_peft(args.source, registry=reg, name=args.name, task=args.task, revision=args.revision,
+                          endpoint=args.endpoint)
+    emit(args, card_json(reg.get(ref)), f"imported {args.source} as {ref}")
+    return 0
+
+
+def _hub_search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", help="base model id, e.g. sentence-transformers/all-MiniLM-L6-v2")
+    p.add_argument("--kind", help="module kind, e.g. lora or prompt")
+    p.add_argument("--task")
+    p.add_argument("--author", help="user or organisation")
+    p.add_argument("--limit", type=int, default=100)
+    _endpoint_arg(p)
+
+
+def _hub_search(args: argparse.Namespace) -> int:
+    from .hub import search
+    found = search(base_model=args.base, kind=args.kind, task=args.task, author=args.author, endpoint=args.endpoint,
+                   limit=args.limit)
+    text = table(["repo", "kinds", "task", "base model", "modified"],
+                 [[m.repo_id, ",".join(m.kinds) or "-", m.task or "-", m.base_model or "-",
+                   (m.last_modified or "-")[:19].replace("T", " ")] for m in found]) if found else "no modules found"
+    emit(args, [m.to_dict() for m in found], text)
+    return 0
+
+
 def _no_arguments(p: argparse.ArgumentParser) -> None:
     """For subcommands that take only the common options."""
 
@@ -172,6 +266,12 @@ COMMANDS: dict[str, Command] = {
     "verify": Command("re-hash every stored file and report damage", _no_arguments, _verify),
     "gc": Command("delete files no module references", _no_arguments, _gc),
     "demo": Command("run the end-to-end demo", _no_arguments, _demo),
+    "push": Command("upload a module to the Hugging Face Hub", _push_args, _push),
+    "pull": Command("download a module (and its parents) from the Hub, verified", _pull_args, _pull),
+    "export": Command("write a module as a PEFT adapter or as pelthub files", _export_args, _export),
+    "import": Command("register a PEFT adapter (folder or Hub repo) or a pelthub module folder", _import_args,
+                      _import),
+    "hub-search": Command("find pelthub modules on the Hub", _hub_search_args, _hub_search),
 }
 
 

@@ -242,6 +242,7 @@ def test_sources_given_as_modules_models_or_registry_refs():
     reg = Registry()
     cfg = ph.AttentionMix([module, "sst2-prompt@1", trained], target=ph.Prompt(length=4), registry=reg)
     assert cfg.sources == ("source0", "sst2-prompt@1", "source2")
+    assert ph.AttentionMix({"sst2": module, "mnli": trained}).sources == ("sst2", "mnli")  # e.g. ranking.top(2)
     m = mix(ph.compose(base, cfg))
     assert reg.asked == ["sst2-prompt@1"]
     want = trained.adapters["default"]["prompt"].embeddings

@@ -64,7 +64,7 @@ def export(source: str | os.PathLike | ModularModel, directory: str | os.PathLik
         if not isinstance(source, str):
             raise ConfigError("export(format='pelthub') takes a registry ref; write a model's files with "
                               "model.save_pretrained(dir)")
-        reg = registry or Registry()
+        reg = Registry() if registry is None else registry
         return write_folder(reg, reg.get(source), Path(directory))
     with _pelthub_folder(source, registry) as (folder, title):
         return to_peft(folder, directory, task_type=task_type, title=title)
@@ -79,7 +79,7 @@ def _pelthub_folder(source: Any, registry: Registry | None) -> Iterator[tuple[Pa
     elif isinstance(source, (str, os.PathLike)) and (Path(source) / CONFIG_FILE).is_file():
         yield Path(source), Path(source).name
     elif isinstance(source, str):
-        reg = registry or Registry()
+        reg = Registry() if registry is None else registry
         card = reg.get(source)
         yield reg.path(card.ref), card.ref
     else:
@@ -129,11 +129,17 @@ def _under(tensors: Tensors, prefix: str) -> Tensors:
 
 
 def _task_type(heads: list[str], model_type: str | None) -> str:
+    """PEFT's task type for a module: from its trained head, else from the family.
+
+    Without a trained head an encoder gets FEATURE_EXTRACTION, not SEQ_CLS:
+    PEFT's SEQ_CLS treats the classifier as trained and refuses to load an
+    adapter that does not carry its weights.
+    """
     if heads and heads[0] in HEAD_TASKS:
         return HEAD_TASKS[heads[0]]
     if model_type in ENCODER_DECODER:
         return "SEQ_2_SEQ_LM"
-    return "CAUSAL_LM" if model_type in DECODER_ONLY or heads == ["lm_head"] else "SEQ_CLS"
+    return "CAUSAL_LM" if model_type in DECODER_ONLY or heads == ["lm_head"] else "FEATURE_EXTRACTION"
 
 
 def _readme(adapter: dict[str, Any], kind: str, title: str) -> str:
@@ -183,7 +189,7 @@ def import_peft(source: str | os.PathLike, registry: Registry | None = None, nam
         model = ModularModel(_base_for(adapter, base, token))
         try:
             _attach(model, adapter, "default", tasks)
-            return (registry or Registry()).add(model, name=name or _safe_name(adapter.name), task=task, tags=tags,
+            return (Registry() if registry is None else registry).add(model, name=name or _safe_name(adapter.name), task=task, tags=tags,
                                                 source=adapter.source)
         finally:
             model.detach()

@@ -81,15 +81,20 @@ class UniPELT(ModuleConfig):
         return cls(self, base, sites, **kwargs)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of `values` (B, n) over positions where the last n columns of `mask` (B, m) are set."""
-    batch, n = values.shape
+def mask_weights(mask: torch.Tensor | None, batch: int, n: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """m_t / Σ_t m_t (B, n) from the last n columns of `mask` (B, m); None means a plain mean."""
     if mask is None or mask.dim() != 2 or mask.shape[0] != batch:
-        return values.mean(1)
-    mask = mask[:, -n:].to(values.dtype)
+        return None
+    mask = mask[:, -n:].to(dtype)
     if mask.shape[1] < n:  # positions before the mask's first column count as tokens
         mask = torch.cat([mask.new_ones(batch, n - mask.shape[1]), mask], dim=1)
-    return (values * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    return mask / mask.sum(1, keepdim=True).clamp_min(1.0)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of `values` (B, n) over positions where the last n columns of `mask` (B, m) are set."""
+    weights = mask_weights(mask, *values.shape, values.dtype)
+    return values.mean(1) if weights is None else (values * weights).sum(1)
 
 
 def lora_update(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
@@ -121,6 +126,7 @@ class UniPELTModule(PeltModule):
         self.mask_of = {k: mask_for(site_name(k), g.encoder_decoder) for part in self.gates.values() for k in part}
         self.forced: dict[str, float] = {}
         self._masks: dict[str, torch.Tensor | None] = {}
+        self._weights: dict[tuple, torch.Tensor | None] = {}  # mask_weights of this call, per (mask, B, n)
         self._last: dict[str, dict[str, torch.Tensor]] = {}
         self._pending: set[int] = set()
 
@@ -157,9 +163,17 @@ class UniPELTModule(PeltModule):
         else:
             linear = self.gates[part][key]
             scores = torch.sigmoid(linear(x.to(linear.weight.dtype))).squeeze(-1)
-            g = masked_mean(scores, self._masks.get(self.mask_of[key]))
+            weights = self._call_weights(self.mask_of[key], scores)
+            g = scores.mean(1) if weights is None else (scores * weights).sum(1)
         self._last.setdefault(site_name(key), {})[part] = g.detach()
         return g
+
+    def _call_weights(self, mask: str, scores: torch.Tensor) -> torch.Tensor | None:
+        """`mask_weights` of one call mask for scores (B, n), computed once per call."""
+        key = (mask, *scores.shape)
+        if key not in self._weights:
+            self._weights[key] = mask_weights(self._masks.get(mask), *scores.shape, scores.dtype)
+        return self._weights[key]
 
     def install(self, base: nn.Module, ctx: CallContext) -> list[Handle]:
         handles: list[Handle] = [base.register_forward_pre_hook(self._keep_masks, with_kwargs=True)]
@@ -175,10 +189,10 @@ class UniPELTModule(PeltModule):
         return handles
 
     def _keep_masks(self, _m: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
-        self._masks = {k: kwargs.get(k) for k in MASKS}
+        self._masks, self._weights = {k: kwargs.get(k) for k in MASKS}, {}
 
     def _keep_encoder_mask(self, _m: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
-        self._masks[MASKS[0]] = kwargs.get(MASKS[0])
+        self._masks[MASKS[0]], self._weights = kwargs.get(MASKS[0]), {}
 
     def _lora_hook(self, key: str, layer: LoRALinear) -> Any:
         def hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:

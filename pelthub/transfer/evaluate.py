@@ -90,7 +90,8 @@ class TransferStudy:
 
     def table(self) -> str:
         """Markdown: one row per metric, then the spread of the measured gains."""
-        lines = ["| metric | ρ vs accuracy gain (p) | ρ vs loss gain (p) | top-1 hit rate | accuracy gain of top pick |",
+        lines = ["| metric | ρ vs accuracy gain (p) | ρ vs loss gain (p) | top-1 hit rate | "
+                 "accuracy gain of top pick |",
                  "|---|---:|---:|---:|---:|"]
         for metric in self.scores:
             (rho, p), (rho_l, p_l) = self.spearman[metric], self.spearman_loss[metric]

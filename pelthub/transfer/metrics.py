@@ -71,7 +71,7 @@ def _euclidean(xs: Prompts, ys: Prompts) -> torch.Tensor:
 
 
 def window(acts: torch.Tensor, layers: Layers = None) -> torch.Tensor:
-    """Activations (n, N_layers, F) (or one (N_layers, F), or one flat (F,)) cut to a layer window and flattened: (n, D)."""
+    """Activations (n, N_layers, F), or one (N_layers, F) or flat (F,), cut to a layer window and flattened: (n, D)."""
     if acts.dim() < 3:
         acts = acts.reshape(1, 1, -1) if acts.dim() == 1 else acts[None]
     if acts.dim() != 3:
