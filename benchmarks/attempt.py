@@ -9,23 +9,22 @@ AttentionMix within 1.2x of prompt tuning: the mixture adds a (B, S+1)
 softmax and an (S, L, d) weighted sum, while both pay for backpropagating
 through the whole frozen model to the input.
 
-Contenders alternate round by round (benchmarks/common.py protocol); both
-wall-clock and process CPU time are reported, the latter being steadier when
-other processes share the cores. The last column times the mixture alone
-(pooling, router, softmax, weighted sum; forward + backward): the whole
-overhead over prompt tuning, free of the noise of the full step.
+Contenders alternate round by round (benchmarks/common.py protocol); the
+median and the best step are reported (the best is steadier when other
+processes share the cores). The last column times the mixture alone
+(pooling, router, softmax, weighted sum; forward + backward, best of 20):
+the whole overhead over prompt tuning, free of the noise of the full step.
 """
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Callable, Mapping
 
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import pelthub as ph
-from benchmarks.common import median, no_gc, print_table, setup, warmup
+from benchmarks.common import interleaved, median, print_table, setup
 
 LENGTH = 20
 
@@ -57,19 +56,9 @@ def mixture(model: ph.ModularModel, batch: dict[str, torch.Tensor]) -> Callable[
 
 
 def measure(fns: Mapping[str, Callable[[], None]], repeats: int, warm: int = 3) -> dict[str, tuple[float, float]]:
-    """Median (wall ms, CPU ms) per call after `warm` calls each; contenders alternate, order reversed each round."""
-    warmup(fns, warm)
-    wall: dict[str, list[float]] = {n: [] for n in fns}
-    cpu: dict[str, list[float]] = {n: [] for n in fns}
-    names = list(fns)
-    with no_gc():
-        for i in range(repeats):
-            for name in names if i % 2 == 0 else names[::-1]:
-                w, c = time.perf_counter(), time.process_time()
-                fns[name]()
-                wall[name].append((time.perf_counter() - w) * 1e3)
-                cpu[name].append((time.process_time() - c) * 1e3)
-    return {n: (median(wall[n]), median(cpu[n])) for n in names}
+    """(median, best) wall ms per call after `warm` calls each; contenders alternate, order reversed each round."""
+    times = interleaved(fns, repeats, warm)
+    return {name: (median(ts), min(ts)) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -88,17 +77,17 @@ def main() -> None:
         models[f"AttentionMix, {s} sources"] = ph.compose(base, ph.AttentionMix(srcs, target=ph.Prompt(length=LENGTH)))
     times = measure({name: step(m, batch) for name, m in models.items()}, repeats)
     alone = measure({name: mixture(m, batch) for name, m in models.items() if name != "prompt tuning"}, 20, warm=10)
-    ref_wall, ref_cpu = times["prompt tuning"]
-    rows = [{"method": name, "trainable": m.trainable_parameters().trainable, "ms": times[name][0],
-             "ratio": times[name][0] / ref_wall, "cpu": times[name][1], "cpu_ratio": times[name][1] / ref_cpu,
-             "mix": alone.get(name, (None,))[0]}
+    ref_median, ref_best = times["prompt tuning"]
+    rows = [{"method": name, "trainable": m.trainable_parameters().trainable, "median": times[name][0],
+             "median_ratio": times[name][0] / ref_median, "best": times[name][1],
+             "best_ratio": times[name][1] / ref_best, "mix": alone.get(name, (None, None))[1]}
             for name, m in models.items()]
     print(f"training step, MiniLM geometry, batch {b} x {n}, prompt length {LENGTH}, "
           f"{torch.get_num_threads()} threads, median of {repeats}")
-    print_table(rows, [("method", "method"), ("trainable", "trainable params"), ("ms", "step ms (wall)"),
-                       ("ratio", "wall vs prompt tuning"), ("cpu", "step ms (CPU)"),
-                       ("cpu_ratio", "CPU vs prompt tuning"), ("mix", "mixture alone ms (wall)")],
-                digits={"ms": 1, "ratio": 3, "cpu": 1, "cpu_ratio": 3, "mix": 1})
+    print_table(rows, [("method", "method"), ("trainable", "trainable params"), ("median", "step ms, median"),
+                       ("median_ratio", "vs prompt tuning"), ("best", "step ms, best"),
+                       ("best_ratio", "vs prompt tuning"), ("mix", "mixture alone ms, best")],
+                digits={"median": 1, "median_ratio": 3, "best": 1, "best_ratio": 3, "mix": 1})
 
 
 if __name__ == "__main__":

@@ -156,6 +156,10 @@ def _gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    importlib.import_module("pelthub.demo").add_arguments(p, registry_option=False)
+
+
 def _demo(args: argparse.Namespace) -> int:
     demo = importlib.import_module("pelthub.demo")  # heavy (models, data): only when asked for
     return int(demo.main(args) or 0)
@@ -265,7 +269,7 @@ COMMANDS: dict[str, Command] = {
     "rm": Command("remove a module version (or every version of a name)", _rm_args, _rm),
     "verify": Command("re-hash every stored file and report damage", _no_arguments, _verify),
     "gc": Command("delete files no module references", _no_arguments, _gc),
-    "demo": Command("run the end-to-end demo", _no_arguments, _demo),
+    "demo": Command("run the end-to-end demo", _demo_args, _demo),
     "push": Command("upload a module to the Hugging Face Hub", _push_args, _push),
     "pull": Command("download a module (and its parents) from the Hub, verified", _pull_args, _pull),
     "export": Command("write a module as a PEFT adapter or as pelthub files", _export_args, _export),

@@ -34,12 +34,15 @@ def param_groups(model: nn.Module, lr: float, lr_routing: float | None = None,
 
 
 def encode(tokenizer: Any, examples: Sequence[Example], max_length: int = 64) -> dict[str, torch.Tensor]:
-    """Tokenise texts (and text pairs) into padded tensors plus `labels`."""
+    """Tokenise texts (and text pairs, also when a batch mixes single texts and pairs) into padded tensors."""
     texts = [e.text for e in examples]
     pairs = [e.text_pair for e in examples]
-    enc = tokenizer(texts, pairs if any(p is not None for p in pairs) else None, padding=True,
-                    truncation=True, max_length=max_length, return_tensors="pt")
-    enc = dict(enc)
+    if all(p is None for p in pairs) or all(p is not None for p in pairs):
+        enc = dict(tokenizer(texts, None if pairs[0] is None else pairs, padding=True, truncation=True,
+                             max_length=max_length, return_tensors="pt"))
+    else:
+        rows = [tokenizer(t, p, truncation=True, max_length=max_length) for t, p in zip(texts, pairs)]
+        enc = dict(tokenizer.pad(rows, return_tensors="pt"))
     enc["labels"] = torch.tensor([e.label for e in examples])
     return enc
 

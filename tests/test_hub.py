@@ -111,6 +111,9 @@ def test_tags_branches_and_pinned_commits(local_hub, regs):  # noqa: F811
     assert pulled() == files(alice, v2)
     assert pulled(revision="dev") == files(alice, v3)
     assert alice.push(v2, "alice/lora", endpoint=local_hub.endpoint) == second  # nothing changed: no new commit
+    with pytest.raises(HubError, match="already has a tag 'v1.0'"):
+        alice.push(v3, "alice/lora", tag="v1.0", endpoint=local_hub.endpoint)
+    assert local_hub.commit_sha("alice/lora") == second  # refused before committing
 
 
 def test_search_by_base_model_kind_task_and_author(local_hub, regs):  # noqa: F811

@@ -43,6 +43,8 @@ CASES = {  # name: (architecture, config, head, needs task ids)
     "prompt-no-head": ("bert", ph.Prompt(length=2), False, False),
     "prefix": ("bert", ph.Prefix(length=3, hidden=None), True, False),
     "prefix-reparameterised": ("bert", ph.Prefix(length=3, hidden=8), False, False),
+    "prefix-llama-gqa": ("llama", ph.Prefix(length=2, hidden=None), False, False),
+    "prompt-t5-encoder": ("t5", ph.Prompt(length=3), False, False),
     "poly": ("bert", ph.Poly(tasks=TASKS, skills=2, rank=2), True, True),
     "poly-mhr-block": ("bert", ph.Poly(tasks=TASKS, skills=2, rank=2, heads=2, granularity="block"), False, True),
 }
@@ -147,6 +149,8 @@ def test_what_peft_cannot_hold_is_refused(tmp_path):
         export(ph.attach(tiny.bert(), ph.Bottleneck()), tmp_path / "y")
     with pytest.raises(ConfigError, match="Conv1D"):
         export(ph.compose(tiny.gpt2(), ph.Poly(tasks=TASKS)), tmp_path / "z")
+    with pytest.raises(ConfigError, match="decoder self-attention only"):
+        export(ph.attach(tiny.t5(), ph.Prefix(length=2)), tmp_path / "v")
     with pytest.raises(ConfigError, match="format"):
         export(two_sets, tmp_path / "w", format="onnx")
 
@@ -154,6 +158,10 @@ def test_what_peft_cannot_hold_is_refused(tmp_path):
     dora.save_pretrained(tmp_path / "dora")
     with pytest.raises(ConfigError, match="DoRA"):
         from_peft(tmp_path / "dora", tiny.bert())
+    t5_prompt = peft.get_peft_model(tiny.t5(), peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=2))
+    t5_prompt.save_pretrained(tmp_path / "t5")  # PEFT prompts both encoder and decoder here; pelthub the encoder
+    with pytest.raises(ConfigError, match="both the encoder and the decoder"):
+        from_peft(tmp_path / "t5", tiny.t5())
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))

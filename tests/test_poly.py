@@ -10,7 +10,6 @@ import torch
 import pelthub as ph
 from pelthub.errors import ConfigError, DuplicateNameError, RoutingError
 from pelthub.hub.peft_poly import from_peft_state_dict, to_peft_config, to_peft_state_dict
-from pelthub.modules.base import site_key
 from pelthub.modules.config import config_from_dict
 from pelthub.routing import (add_task, export_task_lora, param_groups, plot_routing, poly_module,
                              task_lora_state)

@@ -6,7 +6,7 @@ does the filtering; the results carry what the cards say.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from torch import nn
@@ -27,7 +27,7 @@ class HubModule:
     last_modified: str | None
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return asdict(self)
 
 
 def search(base_model: nn.Module | str | None = None, kind: str | None = None, task: str | None = None,

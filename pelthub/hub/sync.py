@@ -27,7 +27,6 @@ from huggingface_hub import constants
 from ..errors import HubConnectionError, HubError, HubIntegrityError, ModuleFormatError
 from ..registry.blobs import file_sha256
 from ..registry.card import Card
-from ..registry.registry import MODULE_FILES
 from .client import COMMIT_RE, Snapshot, api, check_online, download, endpoint_of, resolve, translated
 
 if TYPE_CHECKING:
@@ -73,6 +72,8 @@ def push(registry: "Registry", ref: str, repo_id: str, revision: str | None = No
     with tempfile.TemporaryDirectory(dir=registry.blobs.tmp, prefix=f"{os.getpid()}-") as tmp:
         with translated(what, repo_id, revision, endpoint, token):
             repo_id = hub.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            if tag and tag in {t.name for t in hub.list_repo_refs(repo_id).tags}:  # refuse before committing
+                raise HubError(f"cannot {what}: {repo_id} already has a tag {tag!r}; pick another tag")
             folder = write_folder(registry, published, Path(tmp), repo_id)
             if revision and revision != "main":
                 hub.create_branch(repo_id, branch=revision, exist_ok=True)

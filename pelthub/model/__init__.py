@@ -24,13 +24,15 @@ def attach(model: nn.Module, *configs: ModuleConfig, name: str = "default", head
     return wrapped.add(name, configs, head=head, tokenizer=tokenizer)
 
 
-def from_pretrained(base: nn.Module, directory: str | os.PathLike, strict_base: bool = True) -> ModularModel:
+def from_pretrained(base: nn.Module, directory: str | os.PathLike, strict_base: bool = True,
+                    heads: bool = True) -> ModularModel:
     """Load modules saved with `save_pretrained` onto `base`.
 
     Raises IncompatibleModuleError if `base` has another architecture than the
     one the modules were trained on; warns if only the model name differs.
+    `heads=False` leaves a saved task head out (e.g. for another label count).
     """
-    return load_modules(base, directory, strict_base=strict_base)
+    return load_modules(base, directory, strict_base=strict_base, heads=heads)
 
 
 __all__ = ["ModularModel", "Sites", "TrainableParameters", "attach", "from_pretrained"]

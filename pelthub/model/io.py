@@ -106,27 +106,35 @@ def _arch(info: dict[str, Any]) -> str:
     return f"{f.get('model_type')}, hidden {f.get('hidden')}, {f.get('layers')} layers, fingerprint {str(f.get('sha256'))[:12]}"
 
 
-def load_modules(base: nn.Module, directory: str | os.PathLike, strict_base: bool = True) -> "ModularModel":
+def load_modules(base: nn.Module, directory: str | os.PathLike, strict_base: bool = True,
+                 heads: bool = True) -> "ModularModel":
     from .modular import ModularModel
     data = read_description(directory)
     model = base if isinstance(base, ModularModel) else ModularModel(base)
     if strict_base:
         check_compatible(data["base_model"], model.base, str(directory))
     model.task_names = list(data.get("tasks", [])) or model.task_names
-    heads = data.get("heads", {})
+    saved_heads = data.get("heads", {})
     for name, configs in data["modules"].items():
-        head = site_name(heads[name][0]) if heads.get(name) else False
+        head = site_name(saved_heads[name][0]) if heads and saved_heads.get(name) else False
         model.add(name, [config_from_dict(c) for c in configs], init=False, head=head)
     weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():
         raise ModuleFormatError(f"{weights} not found")
     state = load_file(str(weights))
+    if not heads:
+        state = {k: v for k, v in state.items() if not k.startswith("heads.")}
     own = dict(model.module_parameters())
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise ModuleFormatError(f"{weights} does not match its {CONFIG_FILE}: missing {missing[:5]}, "
                                 f"unexpected {unexpected[:5]}")
     for key, param in own.items():
+        if param.shape != state[key].shape and key.startswith("heads."):
+            raise IncompatibleModuleError(
+                f"{weights}: the saved task head {key} has shape {tuple(state[key].shape)} but this base's head "
+                f"has {tuple(param.shape)} (another label count?); load with heads=False to take the modules "
+                "without the head")
         if param.shape != state[key].shape:
             raise ModuleFormatError(f"{weights}: {key} has shape {tuple(state[key].shape)}, expected {tuple(param.shape)}")
         param.data.copy_(state[key])

@@ -185,16 +185,16 @@ class Registry:
         files = {n: f["sha256"] for n, f in card.files.items()}
         return self.blobs.checkout(card.digest, files, card.ref)  # keyed by content: gc keeps live digests
 
-    def load(self, ref: str, base: nn.Module) -> ModularModel:
+    def load(self, ref: str, base: nn.Module, heads: bool = True) -> ModularModel:
         """Attach the module to `base` (a model or a ModularModel).
 
         Raises IncompatibleModuleError naming both architectures if `base`'s
         fingerprint differs from the one the module was trained on; warns if
-        only the model name differs.
+        only the model name differs. `heads=False` leaves a saved task head out.
         """
         card = self.get(ref)
         check_compatible(card.base_model, base.base if isinstance(base, ModularModel) else base, f"module {card.ref}")
-        return from_pretrained(base, self.path(card.ref), strict_base=False)
+        return from_pretrained(base, self.path(card.ref), strict_base=False, heads=heads)
 
     def versions(self, name: str) -> list[Card]:
         """Every version of `name`, oldest first."""

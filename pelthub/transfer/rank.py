@@ -106,7 +106,7 @@ def _from_registry(base: nn.Module, value: Any, registry: Any) -> PromptModule:
     check_compatible(card.base_model, base, f"module {card.ref}")
     if "prompt" not in card.kinds:
         raise ConfigError(f"holds no soft prompt (kinds: {', '.join(card.kinds)})")
-    model = registry.load(card.ref, base)
+    model = registry.load(card.ref, base, heads=False)
     try:
         found = prompt_module(model)
     finally:
