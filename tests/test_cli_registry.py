@@ -117,7 +117,8 @@ def test_verify_and_gc(reg, capsys):
 
 def test_demo_is_imported_only_when_run(monkeypatch, capsys):
     calls = []
-    monkeypatch.setitem(sys.modules, "pelthub.demo", types.SimpleNamespace(main=lambda args: calls.append(args)))
+    fake = types.SimpleNamespace(main=lambda args: calls.append(args), add_arguments=lambda p, registry_option: None)
+    monkeypatch.setitem(sys.modules, "pelthub.demo", fake)
     assert cli.main(["demo"]) == 0 and calls[0].command == "demo"
     assert set(cli.COMMANDS) >= {"list", "search", "show", "rm", "verify", "gc", "demo"}
 
