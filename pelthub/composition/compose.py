@@ -57,8 +57,10 @@ def compose(base: nn.Module, *blocks: Part, name: str = "composed", head: bool |
         if model is not base:
             model.detach()
         raise
-    known = getattr(model, "parents", [])
-    model.parents = known + [p for p in parents(*groups, registry=registry) if p not in known]
+    found = parents(*groups, registry=registry) + [  # routers that resolved registry refs (ATTEMPT sources)
+        p for set_name in added for m in model.adapters[set_name].values() if callable(getattr(m, "parents", None))
+        for p in m.parents(registry)]
+    model.parents = model.parents + [p for p in found if p not in model.parents]
     return model
 
 

@@ -59,7 +59,7 @@ def describe(model: "ModularModel", **meta: Any) -> dict[str, Any]:
         "heads": {name: list(h.keys()) for name, h in model.heads.items()},
         "tasks": list(model.task_names),
         "base_model": base_model_info(model.base),
-        "trainable_parameters": sum(p.numel() for _, p in model.module_parameters()),
+        "trainable_parameters": sum(p.numel() for _, p in model.module_parameters() if p.requires_grad),
         **meta,
     }
 

@@ -55,6 +55,7 @@ class ModularModel(nn.Module):
         self.heads = nn.ModuleDict()
         self.ctx = CallContext()
         self.task_names: list[str] = []
+        self.parents: list[dict[str, Any]] = []  # registry modules this one was composed from (ref, sha256)
         self._handles: dict[str, list[Handle]] = {}
         self._grad_flags = {name: p.requires_grad for name, p in base.named_parameters()}
         base.requires_grad_(False)
@@ -220,7 +221,10 @@ class ModularModel(nn.Module):
         yield from self.heads.named_parameters(prefix="heads")
 
     def save_pretrained(self, directory: str, **meta: Any) -> None:
+        """Write pelthub.json + modules.safetensors; `parents` defaults to `self.parents`."""
         from .io import save_modules
+        if self.parents:
+            meta.setdefault("parents", self.parents)
         save_modules(self, directory, **meta)
 
 
