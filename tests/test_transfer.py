@@ -238,6 +238,10 @@ def test_evaluate_reports_every_metric(tokenizer, tmp_path):
     assert all(0 <= v <= 1 for v in study.top1.values())
     assert "ρ vs loss gain" in study.table() and set(study.spearman_loss) == set(study.spearman)
     assert json.loads(json.dumps(study.to_dict()))["tasks"] == tasks
+    assert study.source_prompts.shape == study.target_prompts.shape == (3, 3, D)
+    acts = prompt_activations(tiny.bert(), [*study.source_prompts, *study.target_prompts])
+    study.add_scores("on, last layer", score_matrix("on", acts[:3], acts[3:], slice(-1, None)).numpy())
+    assert "on, last layer" in study.table() and math.isnan(study.scores["on, last layer"][1, 1])
     fig = heatmap(study.scores["on"], tasks, tasks, "ON", path=tmp_path / "on.png")
     assert (tmp_path / "on.png").stat().st_size > 0 and fig.axes
     graph = similarity_graph(tasks, study.scores["same_family"], threshold=0.5, families=study.families)

@@ -33,11 +33,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from ..model import attach
+from ..model import ModularModel, attach
 from ..modules.prompt import Prompt
 from ..tasks import load_task
 from ..training import accuracy, fit, mean_loss
 from .methods import init_from, prompt_tensor
+from .metrics import Layers
 from .rank import METRICS, rank_sources
 
 REFERENCE = "same_family"
@@ -55,6 +56,8 @@ class TransferStudy:
     transferred_loss: np.ndarray         # (n, n) dev cross-entropy starting from s, NaN on the diagonal
     scores: dict[str, np.ndarray]        # metric → (n, n) score(s, t), NaN on the diagonal
     source_accuracy: np.ndarray          # (n,) dev accuracy of each fully tuned source prompt
+    source_prompts: torch.Tensor         # (n, L, d) P_s, tuned for source_steps
+    target_prompts: torch.Tensor         # (n, L, d) each target's random-start prompt after target_steps
     spearman: dict[str, tuple[float, float]] = field(default_factory=dict)       # metric → (ρ, p) vs gains
     spearman_loss: dict[str, tuple[float, float]] = field(default_factory=dict)  # metric → (ρ, p) vs loss_gains
     top1: dict[str, float] = field(default_factory=dict)
@@ -70,6 +73,11 @@ class TransferStudy:
     def loss_gains(self) -> np.ndarray:
         """Dev loss reduction: loss₀(t) − loss(s, t) (not capped at 100 % accuracy, so less tied)."""
         return self.baseline_loss[None, :] - self.transferred_loss
+
+    def add_scores(self, name: str, scores: np.ndarray) -> None:
+        """Score the pairs with another metric (e.g. from `source_prompts` / `target_prompts`) and re-summarise."""
+        self.scores[name] = np.where(np.eye(len(self.tasks), dtype=bool), np.nan, np.asarray(scores, dtype=float))
+        self.summarise()
 
     def summarise(self) -> None:
         """Fill `spearman`, `spearman_loss`, `top1` and `pick_gain` from the matrices."""
@@ -129,7 +137,7 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 def evaluate(base_factory: Callable[[int], nn.Module], tokenizer: Any, tasks: Sequence[str],
              metrics: Sequence[str] = METRICS, source_steps: int = 100, target_steps: int = 40,
              prompt: Prompt = Prompt(length=10), batch_size: int = 16, lr: float = 0.03, n_train: int = 256,
-             n_dev: int = 128, layers: Any = None, seed: int = 0, max_length: int = 48,
+             n_dev: int = 128, layers: Layers = None, seed: int = 0, max_length: int = 48,
              progress: bool = True) -> TransferStudy:
     """Measure the transfer gain of every (source, target) pair of `tasks` and score each metric against it.
 
@@ -145,19 +153,20 @@ def evaluate(base_factory: Callable[[int], nn.Module], tokenizer: Any, tasks: Se
     data = [load_task(t, n_train=n_train, n_dev=n_dev, n_test=0) for t in tasks]
     bases: dict[int, nn.Module] = {}
 
-    def run(i: int, source: torch.Tensor | None, steps: int, what: str) -> Any:
+    def run(i: int, source: torch.Tensor | None, steps: int, what: str) -> ModularModel:
         """Attach a fresh prompt (+ head) for task i, optionally start it from `source`, tune it."""
         k = data[i].num_labels
-        base = bases[k] if k in bases else bases.setdefault(k, base_factory(k))
+        if k not in bases:
+            bases[k] = base_factory(k)
         torch.manual_seed(seed)
-        model = attach(base, prompt, name="study", head=True)
+        model = attach(bases[k], prompt, name="study", head=True)
         if source is not None:
             init_from(model, source)
         fit(model, data[i].train, tokenizer, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
             max_length=max_length, progress=what if progress else False)
         return model
 
-    def measure(model: Any, i: int) -> tuple[float, float]:
+    def measure(model: ModularModel, i: int) -> tuple[float, float]:
         return (accuracy(model, data[i].dev, tokenizer, max_length=max_length),
                 mean_loss(model, data[i].dev, tokenizer, max_length=max_length))
 
@@ -170,11 +179,13 @@ def evaluate(base_factory: Callable[[int], nn.Module], tokenizer: Any, tasks: Se
         model.detach()
     baseline, transferred = np.zeros(n), np.full((n, n), np.nan)
     baseline_loss, transferred_loss = np.zeros(n), np.full((n, n), np.nan)
+    targets: list[torch.Tensor] = []
     scores = {m: np.full((n, n), np.nan) for m in metrics}
     pairs = tqdm(total=n * n, desc="transfer pairs", disable=not progress)
     for t in range(n):
         model = run(t, None, target_steps, f"target {tasks[t]}")
         baseline[t], baseline_loss[t] = measure(model, t)
+        targets.append(prompt_tensor(model).clone())
         others = {tasks[s]: sources[s] for s in range(n) if s != t}
         for metric in metrics:
             ranking = rank_sources(model.base, data[t].train, others, metric, tokenizer=tokenizer, target=model,
@@ -194,7 +205,7 @@ def evaluate(base_factory: Callable[[int], nn.Module], tokenizer: Any, tasks: Se
     scores[REFERENCE] = np.array([[1.0 if fs == ft else 0.0 for ft in families] for fs in families])
     np.fill_diagonal(scores[REFERENCE], np.nan)
     study = TransferStudy(list(tasks), families, baseline, transferred, baseline_loss, transferred_loss, scores,
-                          source_acc,
+                          source_acc, torch.stack(sources), torch.stack(targets),
                           seconds=time.perf_counter() - start)
     study.summarise()
     return study
