@@ -33,7 +33,7 @@ import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -122,7 +122,7 @@ class Reproduction:
             if not found:
                 start = time.perf_counter()
                 task = load_task(name, n_train=SOURCE_TRAIN, n_test=self.budget.test)
-                model = ph.attach(self.base(task.num_labels, 0), ph.Prompt(length=LENGTH, init="vocab"), head=True)
+                model = ph.attach(self.base(task.num_labels, 0), ph.Prompt(length=LENGTH), head=True)
                 fit(model, task.train, self.tokenizer, steps=self.budget.source_steps, batch_size=BATCH,
                     lr=PROMPT_LR, progress=False)
                 acc = accuracy(model, task.test, self.tokenizer)
@@ -163,7 +163,8 @@ class Reproduction:
             train, test = {t: d.train for t, d in data.items()}, {t: d.test for t, d in data.items()}
             for method, config in methods.items():
                 routed = isinstance(config, ph.Poly)
-                # the shared LoRA sees the same mixed batches, without task ids
+                # the shared LoRA sees the same batches without task ids; with equal test sets per task
+                # its accuracy over all of them is the mean over the tasks too
                 self.train([comparison], method, ph.compose(self.base(2, seed), config, head=True),
                            train if routed else [e for d in train.values() for e in d],
                            test if routed else [e for d in test.values() for e in d], seed, MODULE_LR,

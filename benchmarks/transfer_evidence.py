@@ -62,14 +62,16 @@ def main() -> None:
                           ("on, last layer", slice(-1, None))):
         study.add_scores(label, score_matrix("on", acts[:n], acts[n:], window).numpy())
     print(f"MiniLM, {len(args.tasks)} tasks, prompt length {args.length}, source {args.source_steps} / target "
-          f"{args.target_steps} steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}, {args.threads} threads\n")
+          f"{args.target_steps} steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}, "
+          f"{args.threads} threads\n")
     print("source dev accuracy: " + ", ".join(f"{t} {a:.2f}" for t, a in zip(study.tasks, study.source_accuracy)))
     print("random-start target accuracy: " + ", ".join(f"{t} {a:.2f}" for t, a in zip(study.tasks, study.baseline)))
     print()
     print(study.table())
-    on, cos = study.spearman["on"][0], study.spearman["cosine_avg"][0]
-    print(f"\nON ρ = {on:+.3f} vs cosine_avg ρ = {cos:+.3f} (accuracy gains): ON "
-          f"{'beats' if on > cos else 'does not beat'} embedding cosine here")
+    (on, p_on), (cos, p_cos) = study.spearman["on"], study.spearman["cosine_avg"]
+    noise = "" if min(p_on, p_cos) < 0.05 else "; neither ρ is significant (p ≥ 0.05): the order is within noise"
+    print(f"\nON ρ = {on:+.3f} (p {p_on:.2g}) vs cosine_avg ρ = {cos:+.3f} (p {p_cos:.2g}) on accuracy gains: ON "
+          f"{'beats' if on > cos else 'does not beat'} embedding cosine here{noise}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "study.json").write_text(json.dumps(study.to_dict(), indent=1))

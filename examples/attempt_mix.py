@@ -65,14 +65,14 @@ def main() -> None:
     sources = {}
     for name in SOURCES:
         task = load_task(name, n_train=256, n_test=128)
-        model = ph.attach(base(task.num_labels), ph.Prompt(length=LENGTH, init="vocab"), head=True)
+        model = ph.attach(base(task.num_labels), ph.Prompt(length=LENGTH), head=True)
         fit(model, task.train, tokenizer, steps=steps, batch_size=16, lr=0.05, progress=name)
         sources[name] = model
         print(f"source {name:<18} accuracy {accuracy(model, task.test, tokenizer):.3f}")
 
     # 2. ATTEMPT on the target: the sources stay frozen; a target prompt and the attention module train.
     target = load_task(TARGET, n_train=32, n_test=128)
-    mix = ph.AttentionMix(sources, target=ph.Prompt(length=LENGTH, init="vocab"))
+    mix = ph.AttentionMix(sources, target=ph.Prompt(length=LENGTH))
     model = ph.compose(base(target.num_labels), mix, head=True)
     print(f"ATTEMPT over {list(sources)}: {model.trainable_parameters()}")
     fit(model, target.train, tokenizer, steps=steps, batch_size=16, lr=0.05, progress="ATTEMPT")

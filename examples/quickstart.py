@@ -50,14 +50,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", default=os.environ.get("PELTHUB_EXAMPLE_TINY") == "1",
                         help="tiny random model and a few steps (also PELTHUB_EXAMPLE_TINY=1)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 60, tiny 5)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 100, tiny 5)")
     args = parser.parse_args()
-    steps = args.steps or (5 if args.tiny else 60)
+    steps = args.steps or (5 if args.tiny else 100)
     tokenizer, base = load(args.tiny)
     task = load_task("sentiment_movies", n_train=256, n_test=128)
 
     # 1. Attach a 10-token soft prompt (and a trainable copy of the classifier head), then train.
-    model = ph.attach(base(task.num_labels), ph.Prompt(length=10, init="vocab"), head=True)
+    model = ph.attach(base(task.num_labels), ph.Prompt(length=10), head=True)
     print(model.trainable_parameters())
     fit(model, task.train, tokenizer, steps=steps, batch_size=16, lr=0.05)
     acc = accuracy(model, task.test, tokenizer)

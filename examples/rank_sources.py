@@ -59,9 +59,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", default=os.environ.get("PELTHUB_EXAMPLE_TINY") == "1",
                         help="tiny random model and a few steps (also PELTHUB_EXAMPLE_TINY=1)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per prompt (default 50, tiny 3)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per prompt (default 40, tiny 3)")
     args = parser.parse_args()
-    steps = args.steps or (3 if args.tiny else 50)
+    steps = args.steps or (3 if args.tiny else 40)
     tokenizer, base = load(args.tiny)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +71,7 @@ def main() -> None:
         refs = []
         for name in SOURCES:
             task = load_task(name, n_train=256, n_test=0)
-            model = ph.attach(base(task.num_labels), ph.Prompt(length=LENGTH, init="vocab"), head=True)
+            model = ph.attach(base(task.num_labels), ph.Prompt(length=LENGTH), head=True)
             fit(model, task.train, tokenizer, steps=steps, batch_size=16, lr=0.05, progress=name)
             refs.append(registry.add(model, name=f"{name}-prompt", task=name))
         print(f"candidates in {registry.root}: {refs}")

@@ -63,9 +63,8 @@ class PrefixModule(PeltModule):
 
     def prefix(self, batch: int, ctx: CallContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
         layers, heads, head_dim = self.shape
-        kv = self.flat().view(-1, 2 * layers, heads, head_dim).permute(1, 2, 0, 3)  # (2N, heads, L, hd)
-        kv = kv.unsqueeze(1).expand(-1, batch, -1, -1, -1)
-        return [(kv[2 * i], kv[2 * i + 1]) for i in range(layers)]
+        kv = self.flat().view(-1, 2 * layers, heads, head_dim).permute(1, 2, 0, 3).unbind(0)  # 2N × (heads, L, hd)
+        return [(kv[2 * i].expand(batch, -1, -1, -1), kv[2 * i + 1].expand(batch, -1, -1, -1)) for i in range(layers)]
 
     @torch.no_grad()
     def collapse(self) -> None:
