@@ -156,6 +156,14 @@ def _gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank_args(p: argparse.ArgumentParser) -> None:
+    importlib.import_module("pelthub.transfer.cli").add_arguments(p)
+
+
+def _rank(args: argparse.Namespace) -> int:
+    return int(importlib.import_module("pelthub.transfer.cli").run(args))
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
     importlib.import_module("pelthub.demo").add_arguments(p, registry_option=False)
 
@@ -275,6 +283,8 @@ COMMANDS: dict[str, Command] = {
     "export": Command("write a module as a PEFT adapter or as pelthub files", _export_args, _export),
     "import": Command("register a PEFT adapter (folder or Hub repo) or a pelthub module folder", _import_args,
                       _import),
+    "rank": Command("rank source prompts for a target task (data.jsonl) by a transferability metric",
+                    _rank_args, _rank),
     "hub-search": Command("find pelthub modules on the Hub", _hub_search_args, _hub_search),
 }
 
