@@ -21,18 +21,11 @@ import argparse
 from typing import Callable, Mapping
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 import pelthub as ph
-from benchmarks.common import interleaved, median, print_table, setup
+from benchmarks.common import interleaved, median, minilm_classifier, print_table, setup
 
 LENGTH = 20
-
-
-def minilm() -> BertForSequenceClassification:
-    cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                     intermediate_size=1536, num_labels=2)
-    return BertForSequenceClassification(cfg).train()
 
 
 def step(model: ph.ModularModel, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
@@ -67,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     setup()
     b, n, repeats = (8, 32, 3) if args.quick else (32, 64, 10)
-    base = minilm()
+    base = minilm_classifier().train()
     d = base.config.hidden_size
     batch = {"input_ids": torch.randint(1000, 30000, (b, n)), "attention_mask": torch.ones(b, n, dtype=torch.long),
              "labels": torch.randint(0, 2, (b,))}

@@ -128,3 +128,22 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[st
 def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]],
                 digits: Mapping[str, int] | None = None) -> None:
     print(markdown_table(rows, columns, digits), flush=True)
+
+
+def minilm_classifier(seed: int = 0, num_labels: int = 2) -> "torch.nn.Module":
+    """BERT with MiniLM-L6 geometry (hidden 384, 6 layers, 12 heads), random init: no download needed."""
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                     intermediate_size=1536, max_position_embeddings=512, num_labels=num_labels)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def make_batch(batch: int, seq: int, seed: int = 1, padded: bool = False) -> dict[str, "torch.Tensor"]:
+    """Random token ids with labels; `padded` masks the last quarter of half the rows."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if padded:
+        mask[batch // 2:, seq * 3 // 4:] = 0
+    return {"input_ids": torch.randint(1000, 30522, (batch, seq), generator=g), "attention_mask": mask,
+            "labels": torch.randint(0, 2, (batch,), generator=g)}

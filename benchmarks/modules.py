@@ -37,31 +37,13 @@ import torch
 from torch import nn
 
 try:  # run as `python -m benchmarks.modules` or as a script
-    from .common import fmt, interleaved, load_average, print_table, setup, summary
+    from .common import fmt, interleaved, load_average, make_batch, minilm_classifier, print_table, setup, summary
 except ImportError:  # pragma: no cover
-    from common import fmt, interleaved, load_average, print_table, setup, summary  # type: ignore
+    from common import fmt, interleaved, load_average, make_batch, minilm_classifier, print_table, setup, summary  # type: ignore  # noqa: E501
 
 import pelthub as ph
 
 # ----- model and inputs -----
-
-
-def build_base(seed: int = 0) -> nn.Module:
-    """MiniLM-L6 geometry, random init."""
-    from transformers import BertConfig, BertForSequenceClassification
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                     intermediate_size=1536, max_position_embeddings=512, num_labels=2)
-    return BertForSequenceClassification(cfg).eval()
-
-
-def make_batch(batch: int, seq: int, seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "input_ids": torch.randint(1000, 30522, (batch, seq), generator=g),
-        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
-        "labels": torch.randint(0, 2, (batch,), generator=g),
-    }
 
 
 # ----- the two sides of each case -----
@@ -256,7 +238,7 @@ def run(quick: bool, repeats: int | None = None, warmup_steps: int | None = None
     b, n = (8, 32) if quick else (32, 64)
     reps = repeats or (5 if quick else 10)
     warm = warmup_steps if warmup_steps is not None else (2 if quick else 3)
-    base = build_base()
+    base = minilm_classifier()
     batch = make_batch(b, n)
     rows: list[dict] = []
     log = print if verbose else (lambda *a, **k: None)

@@ -26,12 +26,11 @@ import time
 from typing import Callable
 
 import torch
-from torch import nn
 
 try:  # run as `python -m benchmarks.unipelt` or as a script
-    from .common import medians, print_table, setup
+    from .common import make_batch, medians, minilm_classifier, print_table, setup
 except ImportError:  # pragma: no cover
-    from common import medians, print_table, setup  # type: ignore
+    from common import make_batch, medians, minilm_classifier, print_table, setup  # type: ignore
 
 import pelthub as ph
 
@@ -43,22 +42,6 @@ CONTENDERS = {  # the three parts first, then UniPELT
     "Bottleneck (Pfeiffer, /16)": ADAPTER,
     UNIPELT: ph.UniPELT(lora=LORA, prefix=PREFIX, adapter=ADAPTER),
 }
-
-
-def build_base(seed: int = 0) -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                     intermediate_size=1536, max_position_embeddings=512, num_labels=2)
-    return BertForSequenceClassification(cfg).eval()
-
-
-def make_batch(batch: int, seq: int, seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[batch // 2:, seq * 3 // 4:] = 0  # some padding, so masked means do real work
-    return {"input_ids": torch.randint(1000, 30522, (batch, seq), generator=g), "attention_mask": mask,
-            "labels": torch.randint(0, 2, (batch,), generator=g)}
 
 
 def train_step(model: ph.ModularModel, batch: dict[str, torch.Tensor], cpu_ms: list[float]) -> Callable[[], None]:
@@ -83,7 +66,7 @@ def main() -> None:
     setup()
     batch_size, seq = (8, 32) if args.quick else (32, 64)
     repeats = args.repeats or (3 if args.quick else 7)
-    base, batch = build_base(), make_batch(batch_size, seq)
+    base, batch = minilm_classifier(), make_batch(batch_size, seq, padded=True)
     models = {name: ph.attach(copy.deepcopy(base), cfg).train() for name, cfg in CONTENDERS.items()}
     cpu: dict[str, list[float]] = {name: [] for name in models}
     steps = {name: train_step(m, batch, cpu[name]) for name, m in models.items()}

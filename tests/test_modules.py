@@ -21,17 +21,7 @@ INPUT_KINDS = {"prompt": ph.Prompt(length=4), "prefix": ph.Prefix(length=3, hidd
 ALL_KINDS = {**WEIGHT_KINDS, **INPUT_KINDS}
 
 
-def run(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def perturb(model, seed=0):
-    """Move every module tensor away from its (identity) initialisation."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.module_parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+run, perturb = tiny.run, tiny.perturb
 
 
 def tail(x, n):

@@ -15,16 +15,11 @@ L = 3
 APL = ph.UniPELT(lora=ph.LoRA(r=4), prefix=ph.Prefix(length=L, hidden=16), adapter=ph.Bottleneck(reduction=4))
 
 
-def run(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
+run = tiny.run
 
 
 def perturb(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.module_parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    tiny.perturb(model, seed, scale=0.3)
 
 
 def unipelt(model, name="composed"):

@@ -61,5 +61,15 @@ def batch(arch: str, b: int = 3, n: int = 7, seed: int = 1) -> dict[str, torch.T
     return out
 
 
-def logits(model, inputs) -> torch.Tensor:
-    return model(**inputs).logits
+def run(model, inputs) -> torch.Tensor:
+    """Logits without autograd (some kernels differ in the last bits with and without it)."""
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def perturb(model, seed: int = 0, scale: float = 0.1) -> None:
+    """Move every module tensor away from its (identity) initialisation."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.module_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
