@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, float, int, float]]:
     for label, acc, params, seconds in demo.rows:
         print(f"| {label} | {acc:.3f} | {params:,} | {seconds:.0f} s |")
 
-    plot_routing(poly).savefig(out / "routing.png", dpi=120)
+    plot_routing(poly).savefig(out / "routing.png", dpi=120, bbox_inches="tight")
     prompts = {t.name: demo.registry.load(refs[t.name], demo.base(2), heads=False).adapters["source"]["prompt"]
                .embeddings.detach() for t in sources}
     prompts[target.name] = ranking.target_prompt
