@@ -33,7 +33,7 @@ def tiny_args(script: Path) -> list[str] | None:
     return [] if "PELTHUB_EXAMPLE_TINY" in text else None
 
 
-SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py") if p.name not in OWN_TEST)
+SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py") if p.name not in OWN_TEST and not p.name.startswith("_"))
 
 
 @pytest.fixture(scope="module")
