@@ -49,6 +49,13 @@ def test_unknown_target_lists_available_sites():
     assert not any(m._forward_hooks for m in base.modules())
 
 
+def test_a_failed_attach_leaves_the_base_trainable_as_it_was():
+    base = tiny.bert()
+    with pytest.raises(errors.SiteNotFoundError):
+        ph.attach(base, ph.LoRA(targets=("missing",)))
+    assert all(p.requires_grad for p in base.parameters())
+
+
 def test_compacter_size_not_divisible_by_n():
     with pytest.raises(errors.ConfigError, match="divisible by n"):
         ph.attach(tiny.bert(), ph.Compacter(n=3, reduction=4))

@@ -20,8 +20,14 @@ def attach(model: nn.Module, *configs: ModuleConfig, name: str = "default", head
     head copy, with `head=True`) train. `tokenizer` is needed by
     `Prompt(init="text")` only.
     """
-    wrapped = model if isinstance(model, ModularModel) else ModularModel(model)
-    return wrapped.add(name, configs, head=head, tokenizer=tokenizer)
+    if isinstance(model, ModularModel):
+        return model.add(name, configs, head=head, tokenizer=tokenizer)
+    wrapped = ModularModel(model)
+    try:
+        return wrapped.add(name, configs, head=head, tokenizer=tokenizer)
+    except BaseException:
+        wrapped.detach()  # give the base back as it was (requires_grad flags included)
+        raise
 
 
 def from_pretrained(base: nn.Module, directory: str | os.PathLike, strict_base: bool = True,
