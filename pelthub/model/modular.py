@@ -82,6 +82,7 @@ class ModularModel(nn.Module):
         if tasks and self.task_names and list(tasks[0]) != self.task_names:
             raise RoutingError(f"modules routed over tasks {list(tasks[0])} cannot join modules routed over "
                                f"{self.task_names}; use the same task list")
+        previous_tasks = self.task_names
         if tasks:
             self.task_names = list(tasks[0])
         self.adapters[name] = built
@@ -91,6 +92,7 @@ class ModularModel(nn.Module):
                 self._add_head(name, head)
             except Exception:
                 self.remove(name)
+                self.task_names = previous_tasks
                 raise
         return self
 

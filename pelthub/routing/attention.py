@@ -214,14 +214,17 @@ class AttentionMixModule(PeltModule):
         return self._last
 
     def parents(self, registry: Any = None) -> list[dict[str, Any]]:
-        """{"ref", "sha256"} of the sources the registry knows (others are labels, not listed).
+        """{"ref", "sha256"} of the sources resolved by name through the registry.
 
-        sha256 is the registry card's digest; pass the list on when saving or
-        registering: `save_pretrained(dir, parents=...)`, `reg.add(model, ..., parents=...)`.
+        Sources given as values are labels, not refs, so the registry is only
+        consulted (and the default one only opened) when some source is a name.
+        sha256 is the registry card's digest; `compose` records the list in
+        `model.parents`, which `save_pretrained` and `Registry.add` write.
         """
-        registry = self.config.resolver() if registry is None else registry
+        names = [n for n in self.config.sources if n not in self.config._values]
+        registry = (self.config.resolver() if registry is None else registry) if names else None
         out = []
-        for name in self.config.sources if registry is not None else ():
+        for name in names if registry is not None else ():
             try:
                 card = registry.get(name)
             except RegistryError:  # a label such as "source0", not a ref
