@@ -16,7 +16,6 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 from torch import nn
 
 from ..errors import ConfigError
@@ -65,6 +64,7 @@ def search_weights(base: nn.Module, modules: Sequence[Source], examples: Batch |
             best.update(value=value, w=w.copy())
         return value
 
+    from scipy.optimize import minimize  # scipy loads in ~0.5 s: only when a search runs
     training = model.training
     model.eval()
     try:
