@@ -186,6 +186,9 @@ class PolyModule(PeltModule):
             for g in dict.fromkeys(self.groups.values())} if learned else {})
         self.layers.requires_grad_(c.variant != "z")
 
+    def reads_call_state(self) -> bool:
+        return self.config.variant != "mu"
+
     def install(self, base: nn.Module, ctx: CallContext) -> list[Handle]:
         return [add_to_output(base.get_submodule(site_name(k)), partial(self._delta, k, ctx)) for k in self.layers]
 
