@@ -16,7 +16,14 @@ from .transfer import rank_sources
 
 __version__ = "0.1.0"
 
+
+def doctor(quick: bool = False) -> int:
+    """Print the installed versions and run the exactness checks; 0 when all hold (see pelthub.doctor)."""
+    from .doctor import report
+    return report(quick=quick)
+
+
 __all__ = ["AttentionMix", "IA3", "Bottleneck", "Compacter", "LNTuning", "LoRA", "ModularModel", "PeltError",
            "Poly", "Prefix", "Prompt", "Registry", "attach", "compose", "from_pretrained", "__version__"]
 __all__ += ["Average", "Stack", "UniPELT", "WeightedSum", "merge", "search_weights"]
-__all__ += ["rank_sources"]
+__all__ += ["doctor", "rank_sources"]

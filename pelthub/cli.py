@@ -266,6 +266,15 @@ def _hub_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="two model families instead of four")
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from .doctor import report
+    return report(quick=args.quick)
+
+
 def _no_arguments(p: argparse.ArgumentParser) -> None:
     """For subcommands that take only the common options."""
 
@@ -286,6 +295,8 @@ COMMANDS: dict[str, Command] = {
     "rank": Command("rank source prompts for a target task (data.jsonl) by a transferability metric",
                     _rank_args, _rank),
     "hub-search": Command("find pelthub modules on the Hub", _hub_search_args, _hub_search),
+    "doctor": Command("print versions and check that pelthub is exact on them (non-zero exit if not)",
+                      _doctor_args, _doctor),
 }
 
 
