@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 def doctor(quick: bool = False) -> int:
     """Print the installed versions and run the exactness checks; 0 when all hold (see pelthub.doctor)."""
-    from .doctor import report
+    from .selfcheck import report
     return report(quick=quick)
 
 

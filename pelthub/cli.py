@@ -271,7 +271,7 @@ def _doctor_args(p: argparse.ArgumentParser) -> None:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from .doctor import report
+    from .selfcheck import report
     return report(quick=args.quick)
 
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import httpx2
 from huggingface_hub import HfApi, constants, get_session, get_token, hf_hub_download
 from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                     OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
 
+from .transport import TransportError
 from ..errors import HubAuthError, HubConnectionError, HubError, HubIntegrityError, HubNotFoundError
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -63,7 +63,7 @@ def preflight(endpoint: str | None, what: str) -> None:
     url = endpoint_of(endpoint)
     try:
         get_session().head(url, timeout=PREFLIGHT_TIMEOUT_S)
-    except (httpx2.TransportError, OSError) as e:
+    except (TransportError, OSError) as e:
         raise _unreachable(url, what, e) from None
 
 
@@ -103,7 +103,7 @@ def translated(what: str, repo_id: str | None = None, revision: str | None = Non
                                f"{scrub(str(e), token).splitlines()[0][:200]}") from None
     except HfHubHTTPError as e:
         raise _http_error(e, what, where, token) from None
-    except (httpx2.TransportError, ConnectionError) as e:
+    except (TransportError, ConnectionError) as e:
         raise _unreachable(url, what, e) from None
 
 

@@ -1,4 +1,4 @@
-"""`pelthub doctor`: the installed versions, the supported range, and a few seconds of exactness checks.
+"""`pelthub doctor` and `ph.doctor()`: the installed versions, the supported range, and a few seconds of exactness checks.
 
 A user who upgrades transformers (or torch, or PEFT) runs this to learn at once
 whether pelthub still holds on that release. Each check builds a tiny model of
