@@ -38,7 +38,12 @@ def generate(model: "ModularModel", state: CallState, input_ids: torch.Tensor,
         batch = input_ids.shape[0]
         if given_cache(kwargs) is not None:
             raise ConfigError("a prefix module builds the cache itself; do not pass past_key_values= or cache=")
-        state.cache = prefix_cache(prefixers[0].prefix(batch, ctx), g)
+        if not _setting(base, kwargs, "use_cache", True):
+            raise ConfigError("a prefix lives in the cache, so generate needs use_cache=True; with "
+                              "use_cache=False the prefix would be dropped after the first token")
+        # transformers widens the inputs per beam and per returned sequence, but not a cache it is given
+        wide = batch * _setting(base, kwargs, "num_beams", 1) * _setting(base, kwargs, "num_return_sequences", 1)
+        state.cache = prefix_cache(prefixers[0].prefix(wide, ctx), g)
         length = cache_length(state.cache)
         inputs[cache_keyword(base)] = state.cache
         if g.encoder_decoder:
@@ -50,9 +55,17 @@ def generate(model: "ModularModel", state: CallState, input_ids: torch.Tensor,
     out = base.generate(**inputs, **kwargs)
     if g.encoder_decoder:
         return out
-    if prompters:  # generating from embeddings returns the new tokens only
-        return torch.cat([input_ids, out], dim=1)
+    if prompters:  # generating from embeddings returns the new tokens only, per returned sequence
+        return torch.cat([input_ids.repeat_interleave(out.shape[0] // input_ids.shape[0], 0), out], dim=1)
     return out[:, length:]
+
+
+def _setting(base: Any, kwargs: dict[str, Any], name: str, default: Any) -> Any:
+    """A generation setting: the call's, else the model's generation_config, else `default`."""
+    if kwargs.get(name) is not None:
+        return kwargs[name]
+    value = getattr(getattr(base, "generation_config", None), name, None)
+    return default if value is None else value
 
 
 def _pad_front(inputs: dict[str, Any], length: int) -> dict[str, Any]:
