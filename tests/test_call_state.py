@@ -136,3 +136,46 @@ def test_a_prefix_under_gradient_checkpointing_is_refused_not_silently_dropped()
     model.gradient_checkpointing_disable()
     assert not model.is_gradient_checkpointing
     model(**tiny.batch("bert")).logits.sum().backward()  # and works again without it
+
+
+def test_wrapping_a_base_that_carries_modules_is_refused_until_detached():
+    base = tiny.bert()
+    first = ph.attach(base, ph.LoRA(r=2))
+    for wrap in (lambda: ph.attach(base, ph.IA3()), lambda: ph.compose(base, ph.IA3())):
+        with pytest.raises(ConfigError, match="already carries pelthub modules"):
+            wrap()
+    first.detach()
+    ph.attach(base, ph.IA3())  # a detached base is free again
+
+
+def test_disable_adapter_runs_the_bare_base_then_restores_the_modules():
+    base = tiny.bert()
+    inputs = tiny.batch("bert")
+    bare = logits(base, inputs)
+    model = ph.attach(base, ph.LoRA(r=2), head=True)
+    perturb(model)
+    with_modules = logits(model, inputs)
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, inputs), bare, rtol=0, atol=0)
+    torch.testing.assert_close(logits(model, inputs), with_modules, rtol=0, atol=0)
+
+
+def test_the_wrapped_model_exposes_what_the_ecosystem_reads(capsys):
+    model = ph.attach(tiny.gpt2(), ph.LoRA(r=2))
+    assert model.device == torch.device("cpu") and model.dtype == torch.float32
+    assert model.generation_config is model.base.generation_config and model.can_generate()
+    assert model.get_input_embeddings() is model.base.get_input_embeddings()
+    model.print_trainable_parameters()
+    assert "trainable params" in capsys.readouterr().out
+
+
+def test_a_bf16_base_runs_prefix_and_unipelt_forward_backward_and_generate():
+    for config in (ph.Prefix(length=2, hidden=None), ph.UniPELT(prefix=ph.Prefix(length=2, hidden=None),
+                                                              lora=ph.LoRA(r=2))):
+        model = ph.compose(tiny.llama().to(torch.bfloat16), config)
+        out = model(**tiny.batch("llama")).logits
+        assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+        assert all(p.grad is not None for _, p in model.module_parameters() if p.requires_grad)
+        assert all(p.dtype == torch.float32 for _, p in model.module_parameters())  # weights stay fp32
+        model.generate(tiny.batch("llama")["input_ids"], max_new_tokens=2, do_sample=False)

@@ -43,7 +43,7 @@ def generate(model: "ModularModel", state: CallState, input_ids: torch.Tensor,
                               "use_cache=False the prefix would be dropped after the first token")
         # transformers widens the inputs per beam and per returned sequence, but not a cache it is given
         wide = batch * _setting(base, kwargs, "num_beams", 1) * _setting(base, kwargs, "num_return_sequences", 1)
-        state.cache = prefix_cache(prefixers[0].prefix(wide, ctx), g)
+        state.cache = prefix_cache(prefixers[0].prefix(wide, ctx), g, model.dtype)
         length = cache_length(state.cache)
         inputs[cache_keyword(base)] = state.cache
         if g.encoder_decoder:

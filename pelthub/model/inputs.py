@@ -47,12 +47,15 @@ def prepend_prompt(kwargs: dict[str, Any], embeds: torch.Tensor, prompt: torch.T
     return out
 
 
-def prefix_cache(pairs: list[tuple[torch.Tensor, torch.Tensor]], g: Geometry) -> DynamicCache | EncoderDecoderCache:
+def prefix_cache(pairs: list[tuple[torch.Tensor, torch.Tensor]], g: Geometry,
+                 dtype: torch.dtype) -> DynamicCache | EncoderDecoderCache:
     """A fresh cache holding the prefix (decoder self-attention for encoder-decoder models).
 
-    Caches are mutated in place by the model, so one is built for every call.
+    Caches are mutated in place by the model, so one is built for every call. The
+    prefix weights stay fp32; the keys and values are cast to the base's `dtype`
+    here, at the boundary, because attention needs one dtype for q, k and v.
     """
-    cache = DynamicCache([(k, v) for k, v in pairs])
+    cache = DynamicCache([(k.to(dtype), v.to(dtype)) for k, v in pairs])
     return EncoderDecoderCache(cache, DynamicCache()) if g.encoder_decoder else cache
 
 

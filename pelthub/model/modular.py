@@ -9,6 +9,7 @@ base computes exactly what it computed before.
 from __future__ import annotations
 
 import copy
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -23,6 +24,8 @@ from .compat import cache_keyword, disable_checkpointing, enable_checkpointing, 
 from .inputs import add_prefix, input_embeddings, prefix_cache, prepend_prompt
 from .sites import Sites
 
+# Bases that carry a ModularModel's hooks right now (weakly held: a dropped model frees its base).
+_WRAPPED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 HEAD_NAMES = ("classifier", "score", "classification_head", "qa_outputs", "lm_head")
 
 
@@ -50,6 +53,7 @@ class ModularModel(nn.Module):
 
     def __init__(self, base: nn.Module):
         super().__init__()
+        _WRAPPED.add(base)
         self.base = base
         self.sites = Sites(base)
         self.adapters = nn.ModuleDict()
@@ -86,8 +90,8 @@ class ModularModel(nn.Module):
         previous_tasks = self.task_names
         if tasks:
             self.task_names = list(tasks[0])
-        self.adapters[name] = built
-        self._handles[name] = [h for m in built.values() for h in m.install(self.base, self.ctx)]
+        self.adapters[name] = built.to(self.device)
+        self._handles[name] = self._install(name)
         if head:
             try:
                 self._add_head(name, head)
@@ -106,10 +110,20 @@ class ModularModel(nn.Module):
         key = site_key(names[0])
         if any(key in h for h in self.heads.values()):
             raise DuplicateNameError(f"head {names[0]!r} is already trained by another module set")
-        original = self.base.get_submodule(names[0])
-        trained = copy.deepcopy(original).requires_grad_(True)
+        trained = copy.deepcopy(self.base.get_submodule(names[0])).requires_grad_(True)
         self.heads[name] = nn.ModuleDict({key: trained})
-        self._handles[name].append(original.register_forward_hook(lambda _m, args, _out: trained(*args)))
+        self._handles[name].append(self._head_hook(key, trained))
+
+    def _head_hook(self, key: str, trained: nn.Module) -> Handle:
+        """The base head's output replaced by its trained copy's."""
+        return self.base.get_submodule(site_name(key)).register_forward_hook(lambda _m, args, _out: trained(*args))
+
+    def _install(self, name: str) -> list[Handle]:
+        """Hooks of one module set (and its head); installing after removing is exact."""
+        handles = [h for m in self.adapters[name].values() for h in m.install(self.base, self.ctx)]
+        if name in self.heads:
+            handles += [self._head_hook(key, trained) for key, trained in self.heads[name].items()]
+        return handles
 
     def remove(self, name: str) -> None:
         """Detach one module set."""
@@ -127,6 +141,7 @@ class ModularModel(nn.Module):
             self.remove(name)
         for pname, p in self.base.named_parameters():
             p.requires_grad_(self._grad_flags.get(pname, p.requires_grad))
+        _WRAPPED.discard(self.base)
         return self.base
 
     @torch.no_grad()
@@ -144,10 +159,51 @@ class ModularModel(nn.Module):
             self.base.get_submodule(name).load_state_dict(head.state_dict())
         return self.base
 
-    # ----- running -----
+    # ----- what the ecosystem (Trainer, accelerate, generate callers) reads -----
     @property
     def config(self) -> Any:
         return self.base.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The base's compute dtype (module weights stay fp32; see `prefix_cache` and the README)."""
+        return getattr(self.base, "dtype", next(self.base.parameters()).dtype)
+
+    @property
+    def generation_config(self) -> Any:
+        return getattr(self.base, "generation_config", None)
+
+    @property
+    def main_input_name(self) -> str:
+        return getattr(self.base, "main_input_name", "input_ids")
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base.get_input_embeddings()
+
+    def can_generate(self) -> bool:
+        return bool(getattr(self.base, "can_generate", lambda: False)())
+
+    def print_trainable_parameters(self) -> None:
+        print(self.trainable_parameters())
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the bare base inside the block (PEFT's name): every hook is removed, then put back."""
+        names = list(self._handles)
+        for name in names:
+            for handle in reversed(self._handles[name]):
+                handle.remove()
+        try:
+            yield
+        finally:
+            for name in names:
+                self._handles[name] = self._install(name)
+
+    # ----- running -----
 
     def modules_of(self, method: str) -> list[PeltModule]:
         return [m for s in self.adapters.values() for m in s.values() if _provides(m, method)]
@@ -189,7 +245,7 @@ class ModularModel(nn.Module):
         if prefixers:
             self._refuse_checkpointed_prefix()
             batch = _batch_size(kwargs)
-            state.cache = prefix_cache(prefixers[0].prefix(batch, self.ctx), g)
+            state.cache = prefix_cache(prefixers[0].prefix(batch, self.ctx), g, self.dtype)
             kwargs = add_prefix(kwargs, state.cache, cache_keyword(self.base), g, batch, self.base.device)
         return kwargs
 
@@ -281,6 +337,14 @@ class ModularModel(nn.Module):
         if self.parents:
             meta.setdefault("parents", self.parents)
         save_modules(self, directory, **meta)
+
+
+def refuse_wrapped(base: nn.Module) -> None:
+    """attach/compose on a base another ModularModel still hooks would stack both models' modules silently."""
+    if base in _WRAPPED:
+        raise ConfigError(f"this {type(base).__name__} already carries pelthub modules from another ModularModel, "
+                          "whose hooks would run too. Add to that model instead (ph.attach(model, ...) or "
+                          "ph.compose(model, ...)), call .detach() on it first, or load a fresh base")
 
 
 def _provides(module: nn.Module, method: str) -> bool:
