@@ -12,12 +12,12 @@ import copy
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, DuplicateNameError, RoutingError
+from ..errors import ConfigError, DuplicateNameError, ModuleFormatError, RoutingError
 from ..modules.base import CallContext, CallState, Handle, PeltModule, site_key, site_name
 from ..modules.config import ModuleConfig
 from .compat import cache_keyword, disable_checkpointing, enable_checkpointing, is_checkpointing
@@ -27,6 +27,13 @@ from .sites import Sites
 # Bases that carry a ModularModel's hooks right now (weakly held: a dropped model frees its base).
 _WRAPPED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 HEAD_NAMES = ("classifier", "score", "classification_head", "qa_outputs", "lm_head")
+
+
+class LoadResult(NamedTuple):
+    """What `load_state_dict` could not match, as torch reports it."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
 
 
 @dataclass(frozen=True)
@@ -250,14 +257,19 @@ class ModularModel(nn.Module):
         return kwargs
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, task_ids: Any = None, **kwargs: Any) -> Any:
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
+                task_ids: Any = None, **kwargs: Any) -> Any:
         """The base model's forward with the modules applied; `task_ids` (names or indices) route per example.
 
         The named arguments are the ones `transformers.Trainer` looks for in the signature
         (it drops dataset columns the forward does not name); anything else passes through.
         """
-        kwargs.update({k: v for k, v in (("input_ids", input_ids), ("attention_mask", attention_mask),
-                                          ("labels", labels)) if v is not None})
+        named = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
+                 "position_ids": position_ids, "inputs_embeds": inputs_embeds, "labels": labels,
+                 "decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_attention_mask}
+        kwargs.update({k: v for k, v in named.items() if v is not None})
         batch = _batch_size(kwargs)
         with self.bind(task_ids, kwargs.get("attention_mask"), batch) as state:
             out = self.base(**self.prepare_inputs(kwargs, state))
@@ -330,6 +342,27 @@ class ModularModel(nn.Module):
         """(name, parameter) of every module and head: the tensors that are saved."""
         yield from self.adapters.named_parameters(prefix="adapters")
         yield from self.heads.named_parameters(prefix="heads")
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """Module and head tensors only: the base is never saved (Trainer checkpoints hold just these)."""
+        out = {} if destination is None else destination
+        self.adapters.state_dict(destination=out, prefix=f"{prefix}adapters.", keep_vars=keep_vars)
+        self.heads.state_dict(destination=out, prefix=f"{prefix}heads.", keep_vars=keep_vars)
+        return out
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load what `state_dict()` wrote (module and head tensors); base keys are refused as unexpected."""
+        parts = {"adapters.": self.adapters, "heads.": self.heads}
+        missing, unexpected = [], [k for k in state_dict if not k.startswith(tuple(parts))]
+        for head, part in parts.items():
+            sub = {k[len(head):]: v for k, v in state_dict.items() if k.startswith(head)}
+            result = part.load_state_dict(sub, strict=False, assign=assign)
+            missing += [head + k for k in result.missing_keys]
+            unexpected += [head + k for k in result.unexpected_keys]
+        if strict and (missing or unexpected):
+            raise ModuleFormatError(f"checkpoint does not match this model's modules: missing {missing[:5]}, "
+                                    f"unexpected {unexpected[:5]}; build the model with the same modules first")
+        return LoadResult(missing, unexpected)
 
     def save_pretrained(self, directory: str, **meta: Any) -> None:
         """Write pelthub.json + modules.safetensors; `parents` defaults to `self.parents`."""
