@@ -77,7 +77,7 @@ def check_online(what: str) -> None:
                                  "to reach the Hub")
 
 
-def preflight(endpoint: str | None, what: str) -> None:
+def preflight(endpoint: str | None, what: str, timeout: float | None = None) -> None:
     """One quick request to the endpoint, without retries.
 
     Some client calls (list_models, upload_folder) retry a refused connection
@@ -86,22 +86,23 @@ def preflight(endpoint: str | None, what: str) -> None:
     """
     check_online(what)
     url = endpoint_of(endpoint)
+    limit = min(PREFLIGHT_TIMEOUT_S, timeout_s(timeout))
     try:
-        get_session().head(url, timeout=min(PREFLIGHT_TIMEOUT_S, timeout_s()))
+        get_session().head(url, timeout=limit)
     except (httpx2.TransportError, OSError) as e:
-        raise _unreachable(url, what, e) from None
+        raise _unreachable(url, what, e, limit) from None
 
 
-def _unreachable(url: str, what: str, error: BaseException) -> HubConnectionError:
-    if isinstance(error, httpx2.TimeoutException):
-        return too_slow(url, what)
+def _unreachable(url: str, what: str, error: BaseException, timeout: float | None = None) -> HubConnectionError:
+    if isinstance(error, (httpx2.TimeoutException, TimeoutError)):
+        return too_slow(url, what, timeout)
     return HubConnectionError(f"cannot {what}: the Hub at {public(url)} is unreachable ({type(error).__name__}: "
                               f"{scrub(str(error))[:160]}); check the network and the endpoint (endpoint=, "
                               "HF_ENDPOINT), or work offline from the local registry")
 
 
-def too_slow(url: str, what: str) -> HubConnectionError:
-    return HubConnectionError(f"cannot {what}: the Hub at {public(url)} did not answer within {timeout_s():g} s; "
+def too_slow(url: str, what: str, timeout: float | None = None) -> HubConnectionError:
+    return HubConnectionError(f"cannot {what}: the Hub at {public(url)} did not answer within {timeout_s(timeout):g} s; "
                               f"try again, or allow longer with timeout= or ${TIMEOUT_ENV}")
 
 
@@ -158,14 +159,14 @@ def translated(what: str, repo_id: str | None = None, revision: str | None = Non
         raise HubNotFoundError(f"cannot {what}: {where} has no revision {revision!r}; pass a branch, tag or "
                                "commit sha that exists (leave revision out for the default branch)") from None
     except LocalEntryNotFoundError as e:  # what snapshot/hf_hub_download raise when the connection failed
-        raise _unreachable(url, what, e) from None
+        raise _unreachable(url, what, e.__cause__ or e, timeout) from None
     except EntryNotFoundError as e:
         raise HubNotFoundError(f"cannot {what}: a file is missing from {where} at {revision or 'main'}: "
                                f"{scrub(str(e), token).splitlines()[0][:200]}") from None
     except HfHubHTTPError as e:
         raise _http_error(e, what, where, token) from None
     except (httpx2.TransportError, ConnectionError, TimeoutError) as e:
-        raise _unreachable(url, what, e) from None
+        raise _unreachable(url, what, e, timeout) from None
 
 
 def _http_error(e: HfHubHTTPError, what: str, where: str, token: str | None) -> HubError:

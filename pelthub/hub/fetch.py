@@ -74,7 +74,7 @@ def download(repo_id: str, commit: str, siblings: dict, files: Sequence[str], di
                            f"{cap:,} for it, so it was not downloaded (see README, Security model, to raise it)")
         limit = expected if expected is not None else cap
         target = f"{url}/{quote(repo_id)}/resolve/{commit}/{quote(name)}"
-        _fetch(target, directory / name, limit, f"download {name} of {repo_id}", url, token)
+        _fetch(target, directory / name, limit, f"download {name} of {repo_id}", url, token, timeout)
         _check_against_hub(repo_id, name, directory / name, siblings[name])
     return Snapshot(repo_id, commit, public(url), directory, tuple(files))
 
@@ -85,12 +85,14 @@ def _recorded_size(sibling: Any) -> int | None:
     return size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None
 
 
-def _fetch(url: str, dest: Path, limit: int | None, what: str, endpoint: str, token: str | None) -> None:
+def _fetch(url: str, dest: Path, limit: int | None, what: str, endpoint: str, token: str | None,
+           timeout: float | None) -> None:
     """GET `url` into a new file `dest`, at most `limit` bytes; a few tries on 5xx or a refused connection."""
     for attempt in range(ATTEMPTS):
         try:
-            with bounded() as timeout:
-                _stream(url, dest, limit, what, endpoint, token, time.monotonic() + timeout * (10 + (limit or 0) / CHUNK))
+            with bounded(timeout) as limit_s:
+                deadline = time.monotonic() + limit_s * (10 + (limit or 0) / CHUNK)
+                _stream(url, dest, limit, what, endpoint, token, limit_s, deadline)
             return
         except _Retry as e:
             if dest.exists():
@@ -111,7 +113,7 @@ class _Retry(Exception):
 
 
 def _stream(url: str, dest: Path, limit: int | None, what: str, endpoint: str, token: str | None,
-            deadline: float) -> None:
+            timeout: float, deadline: float) -> None:
     headers = build_hf_headers(token=token)
     try:
         with get_session().stream("GET", url, headers=headers, follow_redirects=True) as response:
@@ -128,12 +130,12 @@ def _stream(url: str, dest: Path, limit: int | None, what: str, endpoint: str, t
                         raise HubIntegrityError(f"cannot {what}: the Hub at {public(endpoint)} sent more than the "
                                                 f"{limit:,} bytes it records for it; nothing was added")
                     if time.monotonic() > deadline:
-                        raise too_slow(endpoint, what)
+                        raise too_slow(endpoint, what, timeout)
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
     except httpx2.TimeoutException:
-        raise too_slow(endpoint, what) from None
+        raise too_slow(endpoint, what, timeout) from None
     except (httpx2.ConnectError, httpx2.RemoteProtocolError) as e:
         raise _Retry(HubConnectionError(f"cannot {what}: the Hub at {public(endpoint)} is unreachable "
                                         f"({type(e).__name__}: {scrub(str(e), token)[:160]}); check the network "

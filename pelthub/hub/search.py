@@ -44,7 +44,7 @@ def search(base_model: nn.Module | str | None = None, kind: str | None = None, t
         filters.append(f"base_model:adapter:{base}")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise ConfigError(f"limit must be a positive number of results (or None for all), got {limit!r}")
-    preflight(endpoint, "search the Hub")
+    preflight(endpoint, "search the Hub", timeout)
     with translated("search the Hub", endpoint=endpoint, token=token, timeout=timeout):
         found = list(api(endpoint, token).list_models(filter=filters, author=author, limit=limit, cardData=True))
     return [_result(m) for m in found]
