@@ -12,7 +12,9 @@ import argparse
 import dataclasses
 import importlib
 import json
+import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -20,6 +22,8 @@ from .errors import PeltError
 from .registry import Card, Registry
 
 CELL = 40
+# Terminal control: C0/C1 controls (ESC starts ANSI sequences) and lone surrogates; newlines kept in output.
+_CONTROL_RE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 class Command(NamedTuple):
@@ -63,8 +67,13 @@ def card_json(card: Card) -> dict[str, Any]:
     return {"ref": card.ref, **card.to_dict()}
 
 
+def clean(text: str) -> str:
+    """`text` safe for a terminal: control characters (escape sequences, NUL, ...) removed; newlines kept."""
+    return _CONTROL_RE.sub("", text)
+
+
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:
-    print(json.dumps(data, indent=2) if args.json else text)
+    print(json.dumps(data, indent=2) if args.json else clean(text))
 
 
 def registry(args: argparse.Namespace) -> Registry:
@@ -118,12 +127,20 @@ def _show(args: argparse.Namespace) -> int:
             ["fingerprint", fp["sha256"]], ["revision", card.base_model.get("revision") or "-"],
             ["trainable params", f"{card.trainable_parameters:,}"], ["metrics", _metrics(card)],
             ["tags", ", ".join(card.tags) or "-"], ["parents", ", ".join(p["ref"] for p in card.parents) or "-"],
-            ["description", card.description or "-"], ["source", json.dumps(card.source) if card.source else "-"],
+            ["description", card.description or "-"], ["source", _source(card)],
             ["created", card.created], ["pelthub", card.pelthub_version],
             ["versions", ", ".join(str(c.version) for c in reg.versions(card.name))]]
     rows += [[f"file {name}", f"{f['sha256'][:16]}  {f['size']:,} bytes"] for name, f in card.files.items()]
     emit(args, card_json(card), f"{card.ref}\n{table(['field', 'value'], rows, cell=None)}")
     return 0
+
+
+def _source(card: Card) -> str:
+    """Where a version came from: a Hub repo and commit, a folder, or this machine."""
+    s = card.source or {}
+    if all(isinstance(s.get(k), str) for k in ("repo_id", "commit", "endpoint")):
+        return f"{s['repo_id']} at commit {s['commit']} on {s['endpoint']}"
+    return json.dumps(s) if s else "added here"
 
 
 def _rm_args(p: argparse.ArgumentParser) -> None:
@@ -176,6 +193,8 @@ def _demo(args: argparse.Namespace) -> int:
 # ----- the Hub and PEFT (pelthub.hub); tokens come from HF_TOKEN or `hf auth login` and are never printed -----
 def _endpoint_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", help="Hub URL (default: $HF_ENDPOINT, else https://huggingface.co)")
+    p.add_argument("--timeout", type=float, help="seconds a Hub request may wait (default: $PELTHUB_HUB_TIMEOUT, "
+                                                 "else 30)")
 
 
 def _push_args(p: argparse.ArgumentParser) -> None:
@@ -189,7 +208,7 @@ def _push_args(p: argparse.ArgumentParser) -> None:
 
 def _push(args: argparse.Namespace) -> int:
     commit = registry(args).push(args.ref, args.repo_id, revision=args.revision, private=args.private,
-                                 endpoint=args.endpoint, tag=args.tag)
+                                 endpoint=args.endpoint, tag=args.tag, timeout=args.timeout)
     emit(args, {"ref": args.ref, "repo_id": args.repo_id, "commit": commit},
          f"pushed {args.ref} to {args.repo_id} at commit {commit}")
     return 0
@@ -198,13 +217,17 @@ def _push(args: argparse.Namespace) -> int:
 def _pull_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("repo_id", help="Hub repo holding a pushed pelthub module")
     p.add_argument("--revision", help="branch, tag or commit sha (default: main)")
-    p.add_argument("--name", help="register under this name instead of the card's")
+    p.add_argument("--name", help="register under this name instead of the card's (needed when the card's name "
+                                  "is taken here by a module from elsewhere)")
+    p.add_argument("--max-depth", type=int, help="deepest chain of parents to follow (default: 32)")
+    p.add_argument("--max-parents", type=int, help="most parents to fetch in all (default: 100)")
     _endpoint_arg(p)
 
 
 def _pull(args: argparse.Namespace) -> int:
     reg = registry(args)
-    ref = reg.pull(args.repo_id, revision=args.revision, endpoint=args.endpoint, name=args.name)
+    ref = reg.pull(args.repo_id, revision=args.revision, endpoint=args.endpoint, name=args.name, timeout=args.timeout,
+                   max_depth=args.max_depth, max_parents=args.max_parents)
     card = reg.get(ref)
     emit(args, card_json(card), f"pulled {args.repo_id} as {ref} (commit {card.source['commit']})")
     return 0
@@ -241,7 +264,7 @@ def _import(args: argparse.Namespace) -> int:
         ref = reg.add(source, name=args.name or source.resolve().name, task=args.task)
     else:
         ref = import_peft(args.source, registry=reg, name=args.name, task=args.task, revision=args.revision,
-                          endpoint=args.endpoint)
+                          endpoint=args.endpoint, timeout=args.timeout)
     emit(args, card_json(reg.get(ref)), f"imported {args.source} as {ref}")
     return 0
 
@@ -258,7 +281,7 @@ def _hub_search_args(p: argparse.ArgumentParser) -> None:
 def _hub_search(args: argparse.Namespace) -> int:
     from .hub import search
     found = search(base_model=args.base, kind=args.kind, task=args.task, author=args.author, endpoint=args.endpoint,
-                   limit=args.limit)
+                   limit=args.limit, timeout=args.timeout)
     text = table(["repo", "kinds", "task", "base model", "modified"],
                  [[m.repo_id, ",".join(m.kinds) or "-", m.task or "-", m.base_model or "-",
                    (m.last_modified or "-")[:19].replace("T", " ")] for m in found]) if found else "no modules found"
@@ -315,12 +338,25 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every failure is one line on stderr and a non-zero exit, never a traceback."""
     args = parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except PeltError as e:
-        print(f"pelthub {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_a, **_k: _say(args, "warning", message)
+        try:
+            return args.run(args)
+        except PeltError as e:
+            _say(args, "error", e)
+        except KeyboardInterrupt:
+            _say(args, "error", "interrupted")
+            return 130
+        except Exception as e:  # noqa: BLE001 - a bug or an OS error: still one line, not a traceback
+            _say(args, "error", f"{type(e).__name__}: {e}")
+    return 1
+
+
+def _say(args: argparse.Namespace, level: str, message: object) -> None:
+    line = " ".join(str(message).split())  # one line, whatever the message held
+    print(clean(f"pelthub {args.command}: {level}: {line}"), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -75,3 +75,9 @@ class HubConnectionError(HubError):
 
 class HubIntegrityError(HubError, IntegrityError):
     """A file downloaded from the Hub does not match the sha256 its card or the Hub records."""
+
+
+class HubPushError(HubError):
+    """A push committed (its sha is `.commit`) but a later step, such as the tag, failed."""
+
+    commit: str | None = None

@@ -12,6 +12,12 @@ serving their content. Errors carry the ``X-Error-Code`` headers the client maps
 ``RepositoryNotFoundError`` / ``RevisionNotFoundError`` / ``RemoteEntryNotFoundError``.
 Unexpected server bugs answer 400 (not 500) so the client fails at once instead of
 retrying with back-off; they are also kept in ``LocalHub.errors``.
+
+It can also lie and fail on demand, for the security tests: ``lie(repo_id, sha=..., etag=...)``
+answers a hostile commit sha / ETag for a repo; ``fail(method, path_regex, status=...,
+hang=..., delay=...)`` makes matching requests answer an error status, never answer, or
+answer late; ``put_files`` commits files directly (e.g. a huge README, or hundreds of repos
+forming a parent chain) without going through the client.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import itertools
 import json
 import re
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -230,7 +237,8 @@ def h_delete_repo(hub, req):
 def _info(hub, repo: _Repo, commit: _Commit, full: bool, blobs: bool = False) -> dict:
     card = _card(commit.files) or {}
     namespace = repo.id.split("/")[0] if "/" in repo.id else None
-    info = {"_id": repo.id, "id": repo.id, "author": namespace, "sha": commit.sha, "lastModified": commit.date,
+    sha = hub.lies.get(repo.id, {}).get("sha") or commit.sha
+    info = {"_id": repo.id, "id": repo.id, "author": namespace, "sha": sha, "lastModified": commit.date,
             "createdAt": repo.created, "private": repo.private, "disabled": False, "gated": False,
             "downloads": 0, "likes": 0, "tags": _tags(card, commit.files),
             "library_name": card.get("library_name"), "pipeline_tag": card.get("pipeline_tag")}
@@ -400,14 +408,17 @@ def h_delete_ref(hub, req, type, repo, kind, rev):
 
 
 def h_resolve(hub, req, prefix, repo, rev, path):
-    commit = hub.repo({"datasets/": "dataset", "spaces/": "space"}.get(prefix, "model"), repo).resolve(rev)
+    r = hub.repo({"datasets/": "dataset", "spaces/": "space"}.get(prefix, "model"), repo)
+    lie = hub.lies.get(r.id, {})
+    commit = r.head if rev == lie.get("sha") else r.resolve(rev)
     entry = commit.files.get(path)
     if entry is None:
         raise HubError(404, f"{path} does not exist at {commit.sha}", "EntryNotFound", {"X-Repo-Commit": commit.sha})
-    headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{entry.etag}"', "Accept-Ranges": "bytes",
+    sha, etag = lie.get("sha") or commit.sha, lie.get("etag") or entry.etag
+    headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
                "Content-Type": "application/octet-stream"}
     if entry.sha256:
-        headers.update({"X-Linked-Size": str(entry.size), "X-Linked-Etag": f'"{entry.sha256}"'})
+        headers.update({"X-Linked-Size": str(entry.size), "X-Linked-Etag": f'"{lie.get("etag") or entry.sha256}"'})
     if req.command == "HEAD":
         return 200, {**headers, "Content-Length": str(entry.size)}, b""
     data, rng = entry.data, req.headers.get("Range")
@@ -479,7 +490,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.query = parse_qs(url.query, keep_blank_values=True)
         self.body = self._read_body()
         hub.requests.append((self.command, url.path))
+        fault = hub.fault_for(self.command, url.path)
+        if fault is not None and fault.hang:
+            hub.stopping.wait(fault.hang)  # never answer (until the hub stops or `hang` seconds pass)
+            self.close_connection = True
+            return
+        if fault is not None and fault.delay:
+            time.sleep(fault.delay)
         try:
+            if fault is not None and fault.status:
+                raise HubError(fault.status, f"LocalHub fault: {self.command} {url.path} answers {fault.status}")
             for methods, pattern, fn in ROUTES:
                 match = pattern.fullmatch(url.path)
                 if match and self.command in methods:
@@ -503,6 +523,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
+@dataclass
+class Fault:
+    """Requests whose "METHOD path" matches ``pattern`` answer ``status``, wait ``delay`` s, or ``hang`` (s)."""
+
+    method: str
+    pattern: re.Pattern
+    status: int | None = None
+    hang: float = 0.0
+    delay: float = 0.0
+    times: int | None = None  # None: every matching request
+
+
 class LocalHub:
     """In-memory Hub API server on 127.0.0.1 (random port). ``token``: if set, writes need it."""
 
@@ -513,6 +545,9 @@ class LocalHub:
         self.errors: list[str] = []  # tracebacks of server bugs
         self.requests: list[tuple[str, str]] = []  # (method, path) log, for tests
         self.lock = threading.RLock()
+        self.lies: dict[str, dict[str, str]] = {}  # repo_id -> {"sha": ..., "etag": ...} answered instead
+        self.faults: list[Fault] = []
+        self.stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.endpoint = ""
@@ -528,6 +563,7 @@ class LocalHub:
         return self
 
     def stop(self) -> None:
+        self.stopping.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -569,3 +605,38 @@ class LocalHub:
     def commit_sha(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> str:
         with self.lock:
             return self.repo(repo_type, repo_id).resolve(revision).sha
+
+    def lie(self, repo_id: str, sha: str | None = None, etag: str | None = None) -> None:
+        """Answer ``sha`` as the commit of every revision of ``repo_id`` and ``etag`` as every file's ETag."""
+        with self.lock:
+            self.lies[repo_id] = {k: v for k, v in (("sha", sha), ("etag", etag)) if v}
+
+    def fail(self, method: str, pattern: str, status: int | None = None, hang: float = 0.0, delay: float = 0.0,
+             times: int | None = None) -> Fault:
+        """Make requests ``method`` (e.g. "GET", "*") to paths matching ``pattern`` (re.search) misbehave."""
+        fault = Fault(method, re.compile(pattern), status, hang, delay, times)
+        with self.lock:
+            self.faults.append(fault)
+        return fault
+
+    def fault_for(self, method: str, path: str) -> Fault | None:
+        with self.lock:
+            for fault in self.faults:
+                if fault.method in ("*", method) and fault.pattern.search(path) and fault.times != 0:
+                    if fault.times is not None:
+                        fault.times -= 1
+                    return fault
+        return None
+
+    def put_files(self, repo_id: str, files: dict[str, bytes], lfs: tuple[str, ...] = LFS_SUFFIXES,
+                  repo_type: str = "model") -> str:
+        """Commit ``files`` to ``repo_id`` (created if missing) directly, without the client; returns the sha."""
+        with self.lock:
+            repo = self.repos.get((repo_type, repo_id))
+            if repo is None:
+                repo = self.repos[repo_type, repo_id] = _Repo(repo_type, repo_id, private=False)
+            entries = dict(repo.head.files)
+            entries.update({p: _Entry.make(data, lfs=p.endswith(lfs)) for p, data in files.items()})
+            commit = repo.add_commit(repo.head.sha, entries, "put_files")
+            repo.branches["main"] = commit.sha
+            return commit.sha

@@ -4,34 +4,59 @@ Every Hub call runs inside `translated(...)`, which turns the client's
 exceptions (and the raw `httpx2` errors some calls leak) into pelthub
 `HubError`s whose message says what to do. Messages are scrubbed of tokens.
 
-The client never checks what it downloads against the sha256 the Hub
-records, so `download` does: every file is hashed and compared with the
-commit's metadata (sha256 for LFS files, the git blob id for the others).
+Every request made inside `translated(...)` is bounded by pelthub's
+timeout (`limits.timeout_s`): a request hook fills in the time limit that
+the client leaves open on most of its calls. Endpoints may carry
+credentials (`http://user:pass@host`); `public` is the form that may appear
+in cards, logs and messages. Downloads are in `fetch.py`.
 """
 from __future__ import annotations
 
-import hashlib
 import re
+import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator
+from urllib.parse import urlsplit, urlunsplit
 
-from huggingface_hub import HfApi, constants, get_session, get_token, hf_hub_download
+from .transport import http
+from huggingface_hub import HfApi, constants, get_session, get_token
 from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                     OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
 
-from .transport import TransportError
-from ..errors import HubAuthError, HubConnectionError, HubError, HubIntegrityError, HubNotFoundError
+from ..errors import ConfigError, HubAuthError, HubConnectionError, HubError, HubIntegrityError, HubNotFoundError
+from ..registry.card import HUB_ID_RE
+from .limits import TIMEOUT_ENV, timeout_s
 
-COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}\Z")
 _TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{8,}|(?<=Bearer )\S+")
+_USERINFO_RE = re.compile(r"(?<=://)[^/\s@]+@")
 PREFLIGHT_TIMEOUT_S = 5.0
+_ACTIVE: list[float] = []  # timeouts of the pelthub Hub calls running now, in any thread
+_ACTIVE_LOCK = threading.Lock()
 
 
 def endpoint_of(endpoint: str | None) -> str:
     """The endpoint a call will use: the one given, else HF_ENDPOINT (huggingface.co by default)."""
     return (endpoint or constants.ENDPOINT).rstrip("/")
+
+
+def public(url: str) -> str:
+    """`url` without credentials (user:password@): what cards, logs and messages may show."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])) if "@" in parts.netloc else url
+
+
+def check_repo_id(repo_id: Any) -> str:
+    """`repo_id` if it reads as a Hub repo id ('user/name'); it goes into URLs, so nothing else is sent."""
+    if not isinstance(repo_id, str) or not HUB_ID_RE.match(repo_id) or ".." in repo_id or len(repo_id) > 200:
+        raise ConfigError(f"{_clip(repo_id)} is not a Hub repo id; write 'user/name' (letters, digits, '.', '_', "
+                          "'-'), e.g. 'alice/sst2-lora'")
+    return repo_id
+
+
+def _clip(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def api(endpoint: str | None = None, token: str | None = None) -> HfApi:
@@ -42,7 +67,7 @@ def scrub(text: str, token: str | None = None) -> str:
     """`text` with the given token, the stored token and anything shaped like a Hub token replaced by ***."""
     for secret in {token, get_token()} - {None, ""}:
         text = text.replace(secret, "***")
-    return _TOKEN_RE.sub("***", text)
+    return _USERINFO_RE.sub("", _TOKEN_RE.sub("***", text))
 
 
 def check_online(what: str) -> None:
@@ -52,7 +77,7 @@ def check_online(what: str) -> None:
                                  "to reach the Hub")
 
 
-def preflight(endpoint: str | None, what: str) -> None:
+def preflight(endpoint: str | None, what: str, timeout: float | None = None) -> None:
     """One quick request to the endpoint, without retries.
 
     Some client calls (list_models, upload_folder) retry a refused connection
@@ -61,26 +86,63 @@ def preflight(endpoint: str | None, what: str) -> None:
     """
     check_online(what)
     url = endpoint_of(endpoint)
+    limit = min(PREFLIGHT_TIMEOUT_S, timeout_s(timeout))
     try:
-        get_session().head(url, timeout=PREFLIGHT_TIMEOUT_S)
-    except (TransportError, OSError) as e:
-        raise _unreachable(url, what, e) from None
+        get_session().head(url, timeout=limit)
+    except (http.TransportError, OSError) as e:
+        raise _unreachable(url, what, e, limit) from None
 
 
-def _unreachable(url: str, what: str, error: BaseException) -> HubConnectionError:
-    return HubConnectionError(f"cannot {what}: the Hub at {url} is unreachable ({type(error).__name__}: "
+def _unreachable(url: str, what: str, error: BaseException, timeout: float | None = None) -> HubConnectionError:
+    if isinstance(error, (http.TimeoutException, TimeoutError)):
+        return too_slow(url, what, timeout)
+    return HubConnectionError(f"cannot {what}: the Hub at {public(url)} is unreachable ({type(error).__name__}: "
                               f"{scrub(str(error))[:160]}); check the network and the endpoint (endpoint=, "
                               "HF_ENDPOINT), or work offline from the local registry")
 
 
+def too_slow(url: str, what: str, timeout: float | None = None) -> HubConnectionError:
+    return HubConnectionError(f"cannot {what}: the Hub at {public(url)} did not answer within {timeout_s(timeout):g} s; "
+                              f"try again, or allow longer with timeout= or ${TIMEOUT_ENV}")
+
+
+def _bound_request(request: http.Request) -> None:
+    """Request hook: while a pelthub call runs, no request waits longer than its timeout for any step."""
+    with _ACTIVE_LOCK:
+        limit = min(_ACTIVE) if _ACTIVE else None
+    if limit is None:
+        return
+    given = request.extensions.get("timeout") or {}
+    request.extensions["timeout"] = {k: limit if given.get(k) is None else min(given[k], limit)
+                                     for k in ("connect", "read", "write", "pool")}
+
+
+@contextmanager
+def bounded(timeout: float | None = None) -> Iterator[float]:
+    """Bound every request of the shared client by `timeout_s(timeout)` while inside (worker threads too)."""
+    limit = timeout_s(timeout)
+    session = get_session()
+    hooks = session.event_hooks
+    if _bound_request not in hooks.get("request", []):
+        session.event_hooks = {**hooks, "request": [*hooks.get("request", []), _bound_request]}
+    with _ACTIVE_LOCK:
+        _ACTIVE.append(limit)
+    try:
+        yield limit
+    finally:
+        with _ACTIVE_LOCK:
+            _ACTIVE.remove(limit)
+
+
 @contextmanager
 def translated(what: str, repo_id: str | None = None, revision: str | None = None, endpoint: str | None = None,
-               token: str | None = None) -> Iterator[None]:
-    """Turn huggingface_hub and httpx2 errors raised inside into HubErrors that name the fix."""
+               token: str | None = None, timeout: float | None = None) -> Iterator[None]:
+    """Bound the requests made inside (see `bounded`) and turn their errors into HubErrors that name the fix."""
     url = endpoint_of(endpoint)
-    where = f"{repo_id!r} on {url}" if repo_id else url
+    where = f"{repo_id!r} on {public(url)}" if repo_id else public(url)
     try:
-        yield
+        with bounded(timeout):
+            yield
     except HubError:
         raise
     except OfflineModeIsEnabled:
@@ -97,14 +159,14 @@ def translated(what: str, repo_id: str | None = None, revision: str | None = Non
         raise HubNotFoundError(f"cannot {what}: {where} has no revision {revision!r}; pass a branch, tag or "
                                "commit sha that exists (leave revision out for the default branch)") from None
     except LocalEntryNotFoundError as e:  # what snapshot/hf_hub_download raise when the connection failed
-        raise _unreachable(url, what, e) from None
+        raise _unreachable(url, what, e.__cause__ or e, timeout) from None
     except EntryNotFoundError as e:
         raise HubNotFoundError(f"cannot {what}: a file is missing from {where} at {revision or 'main'}: "
                                f"{scrub(str(e), token).splitlines()[0][:200]}") from None
     except HfHubHTTPError as e:
         raise _http_error(e, what, where, token) from None
-    except (TransportError, ConnectionError) as e:
-        raise _unreachable(url, what, e) from None
+    except (http.TransportError, ConnectionError, TimeoutError) as e:
+        raise _unreachable(url, what, e, timeout) from None
 
 
 def _http_error(e: HfHubHTTPError, what: str, where: str, token: str | None) -> HubError:
@@ -122,52 +184,23 @@ def _http_error(e: HfHubHTTPError, what: str, where: str, token: str | None) -> 
     return HubError(f"cannot {what}: the Hub answered {status} for {where} ({detail})")
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """Files of one commit, downloaded and checked against the Hub's metadata."""
+def resolve(repo_id: str, revision: str | None, endpoint: str | None, token: str | None,
+            timeout: float | None = None) -> tuple[str, dict]:
+    """(commit sha, {file: sibling metadata}) of a revision, in one call that does not retry.
 
-    repo_id: str
-    commit: str
-    endpoint: str
-    directory: Path
-    files: tuple[str, ...]
-
-
-def resolve(repo_id: str, revision: str | None, endpoint: str | None, token: str | None) -> tuple[str, dict]:
-    """(commit sha, {file: sibling metadata}) of a revision, in one call that does not retry."""
+    The sha becomes part of cards and URLs, so it must be 40 lower-case hex
+    digits, and the very commit asked for when `revision` is a commit sha.
+    """
+    check_repo_id(repo_id)
     check_online(f"resolve {repo_id}")
-    with translated(f"read {repo_id}", repo_id, revision, endpoint, token):
+    with translated(f"read {repo_id}", repo_id, revision, endpoint, token, timeout):
         info = api(endpoint, token).model_info(repo_id, revision=revision, files_metadata=True)
-    return info.sha, {s.rfilename: s for s in info.siblings or []}
-
-
-def download(repo_id: str, commit: str, siblings: dict, files: Sequence[str], directory: Path,
-             endpoint: str | None = None, token: str | None = None) -> Snapshot:
-    """Download `files` of `commit` under `directory` and verify each against the Hub's record of it."""
-    missing = [f for f in files if f not in siblings]
-    if missing:
-        raise HubNotFoundError(f"{repo_id} at {commit[:12]} has no {', '.join(missing)}; it holds "
-                               f"{', '.join(sorted(siblings)) or 'nothing'}")
-    paths = {}
-    with translated(f"download {repo_id}", repo_id, commit, endpoint, token):
-        for name in files:
-            paths[name] = Path(hf_hub_download(repo_id, name, revision=commit, cache_dir=directory,
-                                               endpoint=endpoint_of(endpoint), token=token))
-    for name, path in paths.items():
-        _check_against_hub(repo_id, name, path, siblings[name])
-    folder = paths[files[0]].parent if files else directory
-    return Snapshot(repo_id, commit, endpoint_of(endpoint), folder, tuple(files))
-
-
-def _check_against_hub(repo_id: str, name: str, path: Path, sibling: object) -> None:
-    data = path.read_bytes()
-    lfs = getattr(sibling, "lfs", None)
-    if lfs is not None:
-        expected, actual, kind = lfs.sha256, hashlib.sha256(data).hexdigest(), "sha256"
-    else:
-        expected, kind = getattr(sibling, "blob_id", None), "git blob id"
-        actual = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-    if expected and expected != actual:
-        raise HubIntegrityError(f"{name} downloaded from {repo_id} has {kind} {actual[:16]}... but the Hub records "
-                                f"{expected[:16]}...: the download is damaged or was tampered with; nothing was "
-                                "added. Try again; if it persists, tell the repo owner")
+    sha = info.sha
+    if not (isinstance(sha, str) and COMMIT_RE.match(sha)) or (revision and COMMIT_RE.match(revision)
+                                                               and sha != revision):
+        raise HubIntegrityError(f"the Hub at {public(endpoint_of(endpoint))} answered commit {_clip(sha)} for "
+                                f"{repo_id}@{revision or 'main'}, which is not "
+                                f"{'that commit' if revision and COMMIT_RE.match(revision) else 'a commit sha'} "
+                                "(40 hex digits); nothing was downloaded. Check the endpoint (endpoint=, "
+                                "HF_ENDPOINT): it is not a Hub that can be trusted")
+    return sha, {s.rfilename: s for s in info.siblings or [] if isinstance(s.rfilename, str)}

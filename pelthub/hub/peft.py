@@ -31,12 +31,13 @@ from torch import nn
 
 from ..errors import ConfigError, ModuleFormatError
 from ..model import ModularModel
-from ..model.io import CONFIG_FILE, WEIGHTS_FILE, read_description
+from ..model.io import CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE, read_description
 from ..modules.base import site_key, site_name
 from ..modules.config import one_of
 from ..registry import Registry
 from ..registry.card import HUB_ID_RE
-from .client import download, resolve
+from .client import bounded, resolve
+from .fetch import download
 from .peft_methods import FROM_PEFT, PEFT_TYPES, PREFIX, PROMPT_LEARNING, TO_PEFT, Tensors
 from .sync import write_folder
 
@@ -186,28 +187,28 @@ class PeftAdapter:
 
 
 def from_peft(source: str | os.PathLike, base: nn.Module, name: str = "default", revision: str | None = None,
-              endpoint: str | None = None, token: str | None = None, tasks: Iterable[str] | None = None
-              ) -> ModularModel:
+              endpoint: str | None = None, token: str | None = None, tasks: Iterable[str] | None = None,
+              timeout: float | None = None) -> ModularModel:
     """Attach a PEFT adapter (folder or Hub repo id) to `base` as pelthub modules named `name`.
 
     tasks: names for a Poly adapter's tasks (PEFT only numbers them: "0", "1", ...).
     """
-    with read_peft(source, revision, endpoint, token) as adapter:
+    with read_peft(source, revision, endpoint, token, timeout) as adapter:
         return _attach(base, adapter, name, tasks)
 
 
 def import_peft(source: str | os.PathLike, registry: Registry | None = None, name: str | None = None,
                 base: nn.Module | None = None, task: str | None = None, tags: Iterable[str] | str | None = None,
                 revision: str | None = None, endpoint: str | None = None, token: str | None = None,
-                tasks: Iterable[str] | None = None) -> str:
+                tasks: Iterable[str] | None = None, timeout: float | None = None) -> str:
     """Register a PEFT adapter (folder or Hub repo id) in the registry; returns its ref.
 
     The registry records the base model's architecture fingerprint: from
     `base` if given, else from a weightless copy of `base_model_name_or_path`
     built from its config (a local path, or a Hub id read from HF_ENDPOINT).
     """
-    with read_peft(source, revision, endpoint, token) as adapter:
-        model = ModularModel(_base_for(adapter, base, token))
+    with read_peft(source, revision, endpoint, token, timeout) as adapter:
+        model = ModularModel(_base_for(adapter, base, token, timeout))
         try:
             _attach(model, adapter, "default", tasks)
             return (Registry() if registry is None else registry).add(model, name=name or _safe_name(adapter.name), task=task, tags=tags,
@@ -218,7 +219,7 @@ def import_peft(source: str | os.PathLike, registry: Registry | None = None, nam
 
 @contextmanager
 def read_peft(source: str | os.PathLike, revision: str | None = None, endpoint: str | None = None,
-              token: str | None = None) -> Iterator[PeftAdapter]:
+              token: str | None = None, timeout: float | None = None) -> Iterator[PeftAdapter]:
     """The adapter in a local folder, or in a Hub repo (downloaded to a temporary folder and verified)."""
     path = Path(source)
     if path.is_dir():
@@ -227,7 +228,7 @@ def read_peft(source: str | os.PathLike, revision: str | None = None, endpoint: 
     repo_id = str(source)
     if not HUB_ID_RE.match(repo_id):
         raise ConfigError(f"{repo_id!r} is neither a folder nor a Hub repo id ('user/name')")
-    commit, siblings = resolve(repo_id, revision, endpoint, token)
+    commit, siblings = resolve(repo_id, revision, endpoint, token, timeout)
     if ADAPTER_CONFIG not in siblings:
         hint = (f"it holds a pelthub module: Registry.pull({repo_id!r})" if CONFIG_FILE in siblings
                 else f"it holds {', '.join(sorted(siblings)) or 'nothing'}")
@@ -237,7 +238,8 @@ def read_peft(source: str | os.PathLike, revision: str | None = None, endpoint: 
         raise ModuleFormatError(f"{repo_id} has no {ADAPTER_WEIGHTS}")
     _refuse_pickle(files[1], repo_id)
     with tempfile.TemporaryDirectory() as tmp:
-        snap = download(repo_id, commit, siblings, files, Path(tmp), endpoint, token)
+        snap = download(repo_id, commit, siblings, files, Path(tmp), endpoint, token, timeout,
+                        max_bytes={ADAPTER_CONFIG: MAX_CONFIG_BYTES})
         yield _read_folder(snap.directory, {"format": "peft", "repo_id": repo_id, "commit": commit,
                                             "endpoint": snap.endpoint}, repo_id.rsplit("/", 1)[-1])
 
@@ -313,7 +315,8 @@ def _load(module: nn.Module, tensors: Tensors, what: str) -> None:
                                 f"({str(e).splitlines()[-1].strip()[:200]}); pass the base it was trained on") from None
 
 
-def _base_for(adapter: PeftAdapter, base: nn.Module | None, token: str | None) -> nn.Module:
+def _base_for(adapter: PeftAdapter, base: nn.Module | None, token: str | None,
+              timeout: float | None = None) -> nn.Module:
     """`base` itself, or a weightless (meta-device) copy of the adapter's base model, built from its config."""
     if base is not None:
         return base.base if isinstance(base, ModularModel) else base
@@ -323,7 +326,8 @@ def _base_for(adapter: PeftAdapter, base: nn.Module | None, token: str | None) -
         raise ConfigError("this PEFT adapter does not name its base model; pass base= (the model it was trained on)")
     cls = getattr(transformers, TASK_CLASSES.get(cfg.get("task_type") or "", "AutoModel"))
     try:
-        config = transformers.AutoConfig.from_pretrained(name, revision=cfg.get("revision"), token=token)
+        with bounded(timeout):
+            config = transformers.AutoConfig.from_pretrained(name, revision=cfg.get("revision"), token=token)
         with torch.device("meta"):
             return cls.from_config(config)
     except (OSError, ValueError) as e:

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import ConfigError
 from ..registry.card import LIBRARY
 from .client import api, preflight, translated
 
@@ -32,7 +33,7 @@ class HubModule:
 
 def search(base_model: nn.Module | str | None = None, kind: str | None = None, task: str | None = None,
            author: str | None = None, endpoint: str | None = None, token: str | None = None,
-           limit: int | None = 100) -> list[HubModule]:
+           limit: int | None = 100, timeout: float | None = None) -> list[HubModule]:
     """pelthub modules on the Hub matching every filter given, as `HubModule`s.
 
     base_model: a Hub model id, or a model whose `config.name_or_path` is one.
@@ -41,8 +42,10 @@ def search(base_model: nn.Module | str | None = None, kind: str | None = None, t
     base = _base_id(base_model)
     if base:
         filters.append(f"base_model:adapter:{base}")
-    preflight(endpoint, "search the Hub")
-    with translated("search the Hub", endpoint=endpoint, token=token):
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ConfigError(f"limit must be a positive number of results (or None for all), got {limit!r}")
+    preflight(endpoint, "search the Hub", timeout)
+    with translated("search the Hub", endpoint=endpoint, token=token, timeout=timeout):
         found = list(api(endpoint, token).list_models(filter=filters, author=author, limit=limit, cardData=True))
     return [_result(m) for m in found]
 

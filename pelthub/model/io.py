@@ -3,6 +3,12 @@
 Only module and head tensors are written; the base model's weights never are.
 Files are written to a temporary name, fsynced and renamed, so a crash leaves
 either the old file or the new one.
+
+Loading treats both files as untrusted: the configs are built on PyTorch's
+meta device first (shapes, no memory) and compared with the safetensors
+header (names, shapes, dtypes) before anything real is allocated, so a
+3 KB file cannot declare a LoRA of rank 2**40; and every tensor must be a
+floating-point tensor of finite values.
 """
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -27,6 +35,8 @@ if TYPE_CHECKING:
 CONFIG_FILE = "pelthub.json"
 WEIGHTS_FILE = "modules.safetensors"
 FORMAT_VERSION = 1
+MAX_CONFIG_BYTES = 16 << 20  # a pelthub.json is kilobytes; refuse to parse more than this
+FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -77,10 +87,15 @@ def read_description(directory: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ModuleFormatError(f"{path} not found: a pelthub module directory holds {CONFIG_FILE} and "
                                 f"{WEIGHTS_FILE} (write one with model.save_pretrained(dir))")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ModuleFormatError(f"{path} is {path.stat().st_size:,} bytes; a {CONFIG_FILE} is at most "
+                                f"{MAX_CONFIG_BYTES:,}, so it was not read")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModuleFormatError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ModuleFormatError(f"{path} must hold a JSON object, got {type(data).__name__}")
     for key, kind in (("modules", dict), ("base_model", dict)):
         if not isinstance(data.get(key), kind):
             raise ModuleFormatError(f"{path}: field {key!r} is missing or not a {kind.__name__}")
@@ -106,6 +121,68 @@ def _arch(info: dict[str, Any]) -> str:
     return f"{f.get('model_type')}, hidden {f.get('hidden')}, {f.get('layers')} layers, fingerprint {str(f.get('sha256'))[:12]}"
 
 
+def read_header(weights: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{tensor name: (shape, safetensors dtype)} from the file's header, reading no tensor data.
+
+    Refuses a file that is not safetensors and any tensor that is not
+    floating point (ints, bools, float8), naming the tensor.
+    """
+    if not weights.is_file():
+        raise ModuleFormatError(f"{weights} not found: a module directory holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise ModuleFormatError(f"{weights} is not a readable safetensors file: {e}") from None
+    for key, (_, dtype) in header.items():
+        if dtype not in FLOAT_DTYPES:
+            raise ModuleFormatError(f"{weights}: tensor {key} has dtype {dtype}; module tensors are floating point "
+                                    f"({', '.join(FLOAT_DTYPES)}), so this file was not loaded")
+    return header
+
+
+def check_finite(weights: Path) -> None:
+    """Refuse NaN or infinite values, naming the tensor; reads one tensor at a time."""
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            if not bool(torch.isfinite(f.get_tensor(key)).all()):
+                raise ModuleFormatError(f"{weights}: tensor {key} holds NaN or infinite values; a trained module "
+                                        "has finite weights, so this file was not loaded")
+
+
+def _planned(model: "ModularModel", data: dict[str, Any], heads: bool) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{parameter name: (shape, dtype)} the configs would create, built on the meta device (no memory)."""
+    planned: dict[str, tuple[tuple[int, ...], Any]] = {}
+    with torch.device("meta"):
+        for name, configs in data["modules"].items():
+            built = nn.ModuleDict({c.kind: c.build(model.base, model.sites, init=False) for c in configs})
+            planned.update({k: (tuple(p.shape), p.dtype) for k, p in built.named_parameters(prefix=f"adapters.{name}")})
+    return planned
+
+
+def _check_plan(weights: Path, header: dict[str, tuple[tuple[int, ...], str]],
+                planned: dict[str, tuple[tuple[int, ...], Any]]) -> None:
+    saved = {k: v for k, v in header.items() if k.startswith("adapters.")}
+    missing, unexpected = sorted(set(planned) - set(saved)), sorted(set(saved) - set(planned))
+    if missing or unexpected:
+        raise ModuleFormatError(f"{weights} does not match its {CONFIG_FILE}: missing {missing[:5]}, "
+                                f"unexpected {unexpected[:5]}")
+    for key, (shape, dtype) in planned.items():
+        if saved[key][0] != shape:
+            raise ModuleFormatError(f"{weights}: {key} has shape {saved[key][0]} but {CONFIG_FILE} declares "
+                                    f"{shape}; the file and its configs disagree, so nothing was allocated")
+        if FLOAT_DTYPES[saved[key][1]] == torch.float64 and dtype != torch.float64:
+            raise ModuleFormatError(f"{weights}: tensor {key} is float64 but the module's parameter is {dtype}; "
+                                    "save it in the parameter's dtype")
+
+
+def _configs(name: str, configs: Any, directory: str | os.PathLike) -> list[Any]:
+    if not (isinstance(configs, list) and configs and all(isinstance(c, dict) for c in configs)):
+        raise ModuleFormatError(f"{Path(directory) / CONFIG_FILE}: modules[{name!r}] must be a non-empty list of "
+                                "config objects")
+    return [config_from_dict(c) for c in configs]
+
+
 def load_modules(base: nn.Module, directory: str | os.PathLike, strict_base: bool = True,
                  heads: bool = True) -> "ModularModel":
     from .modular import ModularModel
@@ -113,14 +190,16 @@ def load_modules(base: nn.Module, directory: str | os.PathLike, strict_base: boo
     model = base if isinstance(base, ModularModel) else ModularModel(base)
     if strict_base:
         check_compatible(data["base_model"], model.base, str(directory))
-    model.task_names = list(data.get("tasks", [])) or model.task_names
+    weights = Path(directory) / WEIGHTS_FILE
+    header = read_header(weights)
     saved_heads = data.get("heads", {})
+    data["modules"] = {name: _configs(name, configs, directory) for name, configs in data["modules"].items()}
+    _check_plan(weights, header, _planned(model, data, heads))
+    check_finite(weights)
+    model.task_names = list(data.get("tasks", [])) or model.task_names
     for name, configs in data["modules"].items():
         head = site_name(saved_heads[name][0]) if heads and saved_heads.get(name) else False
-        model.add(name, [config_from_dict(c) for c in configs], init=False, head=head)
-    weights = Path(directory) / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ModuleFormatError(f"{weights} not found")
+        model.add(name, configs, init=False, head=head)
     state = load_file(str(weights))
     if not heads:
         state = {k: v for k, v in state.items() if not k.startswith("heads.")}

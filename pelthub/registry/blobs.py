@@ -143,8 +143,10 @@ class BlobStore:
     def checkout(self, key: str, files: dict[str, str], label: str) -> Path:
         """A read-only directory `checkouts/<key>` holding `files` (name -> sha256), shared by its readers.
 
-        Each call re-hashes the blobs and the directory's files; a directory
-        found damaged is rebuilt from the blobs.
+        Each call re-hashes the blobs and the directory's files. An intact
+        directory is never removed or replaced, so a reader in another process
+        never sees it disappear; only one found damaged is moved aside (one
+        rename) and rebuilt from the blobs.
         """
         target = self.checkouts / key
         if _matches(target, files):
@@ -156,17 +158,28 @@ class BlobStore:
             for name, sha in files.items():
                 self.copy_out(sha, build / name, f"{label}: {name}")
                 os.chmod(build / name, READ_ONLY)
-            if target.exists():
-                shutil.rmtree(target)
-            try:
-                os.replace(build, target)
-            except OSError:  # another process put a directory there first; keep theirs if intact
-                if not _matches(target, files):
-                    raise
+            for _ in range(3):
+                try:
+                    os.rename(build, target)  # fails if a directory is there (another reader's, or damaged)
+                    return target
+                except OSError:
+                    if _matches(target, files):  # another process finished first: share theirs
+                        return target
+                    self._move_aside(target)
+            raise IntegrityError(f"{target} ({label}) keeps changing while being rebuilt; is another program "
+                                 "writing there?")
         finally:
             if build.exists():
                 shutil.rmtree(build)
-        return target
+
+    def _move_aside(self, target: Path) -> None:
+        """Rename a damaged checkout into tmp/ (atomic), then delete it there."""
+        aside = Path(tempfile.mkdtemp(dir=self.tmp, prefix=f"{os.getpid()}-")) / "damaged"
+        try:
+            os.rename(target, aside)
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(aside.parent, ignore_errors=True)
 
     def __iter__(self) -> Iterator[str]:
         """The sha256 of every blob on disk."""

@@ -21,10 +21,14 @@ from ..errors import ModuleFormatError, RegistryError
 
 LIBRARY = "pelthub"
 MAX_NAME = 100
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-VERSION_RE = re.compile(r"^[1-9][0-9]{0,17}$")
-SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+# Anchored with \Z, not $: "$" also matches before a trailing newline, so "name\n" would pass.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+VERSION_RE = re.compile(r"^[1-9][0-9]{0,17}\Z")
+SHA_RE = re.compile(r"^[0-9a-f]{64}\Z")
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?\Z", re.ASCII)
+# C0/C1 control characters (terminal escapes, NUL) and lone surrogates (not encodable as UTF-8).
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_CONTROL_IN_TEXT_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")  # tabs and newlines allowed
 # Fields that record when and by what a card was written, not what it describes.
 BOOKKEEPING = ("version", "created", "pelthub_version")
 
@@ -65,13 +69,19 @@ def _expect(ok: bool, description: str) -> str | None:
     return None if ok else description
 
 
+def _plain(v: Any) -> bool:
+    """A one-line string: no control characters, no lone surrogates."""
+    return isinstance(v, str) and not _CONTROL_RE.search(v)
+
+
 def _str_list(v: Any) -> str | None:
-    return _expect(isinstance(v, list) and all(isinstance(x, str) and x for x in v), "a list of non-empty strings")
+    return _expect(isinstance(v, list) and all(_plain(x) and x for x in v),
+                   "a list of non-empty strings without control characters")
 
 
 def _metrics(v: Any) -> str | None:
     return _expect(isinstance(v, dict) and all(
-        isinstance(k, str) and k and (_is_int(x) or isinstance(x, float) and math.isfinite(x)) for k, x in v.items()),
+        _plain(k) and k and (_is_int(x) or isinstance(x, float) and math.isfinite(x)) for k, x in v.items()),
         "a mapping of metric names to finite numbers")
 
 
@@ -124,7 +134,8 @@ FIELDS: dict[str, Check] = {
     "modules": _modules,
     "heads": _heads,
     "base_model": _base_model,
-    "task": lambda v: _expect(v is None or isinstance(v, str) and bool(v), "a non-empty string or null"),
+    "task": lambda v: _expect(v is None or _plain(v) and bool(v), "a non-empty string without control characters, "
+                                                                  "or null"),
     "tags": _str_list,
     "metrics": _metrics,
     "trainable_parameters": lambda v: _expect(_is_int(v) and v >= 0, "a non-negative integer"),
@@ -132,7 +143,8 @@ FIELDS: dict[str, Check] = {
     "created": lambda v: _expect(isinstance(v, str) and bool(v), "an ISO 8601 time string"),
     "pelthub_version": lambda v: _expect(isinstance(v, str) and bool(v), "a version string"),
     "parents": _parents,
-    "description": lambda v: _expect(isinstance(v, str), "a string"),
+    "description": lambda v: _expect(isinstance(v, str) and not _CONTROL_IN_TEXT_RE.search(v),
+                                     "a string without control characters (tabs and newlines are fine)"),
     "source": lambda v: _expect(v is None or isinstance(v, dict), "a mapping (e.g. {'repo_id': ..., 'commit': ...}) "
                                                                   "or null"),
 }

@@ -15,18 +15,19 @@ import math
 import numbers
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import networkx as nx
-from safetensors import safe_open
 from torch import nn
 
 from ..errors import ConfigError, ModuleFormatError, NotFoundError, RegistryError
 from ..model import ModularModel, from_pretrained
-from ..model.io import CONFIG_FILE, WEIGHTS_FILE, base_model_info, check_compatible, read_description
+from ..model.io import (CONFIG_FILE, WEIGHTS_FILE, base_model_info, check_compatible, check_finite, read_description,
+                        read_header)
 from .blobs import BlobStore, file_sha256
 from .card import FIELDS, SHA_RE, Card, check_name, parse_ref
 from .index import Index
@@ -72,8 +73,17 @@ class Registry:
     """
 
     def __init__(self, path: str | os.PathLike | None = None):
+        if path is not None and not os.fspath(path):
+            raise ConfigError("the registry path is empty; pass a directory, or leave it out for $PELTHUB_HOME "
+                              f"(default {DEFAULT_HOME})")
         self.root = Path(path or os.environ.get("PELTHUB_HOME") or DEFAULT_HOME).expanduser()
-        self.root.mkdir(parents=True, exist_ok=True)
+        if self.root.exists() and not self.root.is_dir():
+            raise RegistryError(f"the registry path {self.root} is a file, not a directory; pass a directory")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RegistryError(f"cannot create the registry at {self.root}: {e.strerror}; pass a directory you "
+                                "can write (path=, $PELTHUB_HOME)") from None
         self.blobs = BlobStore(self.root)
         self.index = Index(self.root / "index.sqlite")
         self.index.count()  # open (and create) the index now, so a bad location fails here
@@ -109,10 +119,12 @@ class Registry:
             problem = FIELDS[field](value)
             if problem:
                 raise ConfigError(f"add(): {field}= must be {problem}, got {value!r}")
-        resolved = None if parents is None else self._parents(parents)
+        resolved, local = (None, set()) if parents is None else self._parents(parents)
         with tempfile.TemporaryDirectory(dir=self.blobs.tmp, prefix=f"{os.getpid()}-") as tmp:
             directory = self._module_dir(module, Path(tmp), resolved)
             info = read_description(directory)
+            if resolved is None:
+                resolved, local = self._parents(info.get("parents") or [])
             counted = _count_parameters(directory / WEIGHTS_FILE)
             ours = directory == Path(tmp)  # written and fsynced by save_pretrained: link, don't copy
             files = {f: self.blobs.put(directory / f, link=ours) for f in MODULE_FILES}
@@ -122,12 +134,12 @@ class Registry:
                 tags=tags, metrics=metrics, trainable_parameters=counted,
                 files={f: {"sha256": sha, "size": size} for f, (sha, size) in files.items()},
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"), pelthub_version=_version(),
-                parents=resolved if resolved is not None else self._parents(info.get("parents") or []),
-                description=description, source=None if source is None else dict(source))
+                parents=resolved, description=description, source=None if source is None else dict(source))
             with self.index.write() as index:
                 existing = index.by_identity(draft.identity())
                 if existing:
                     return existing
+                self._check_parents_present(index, draft.parents, local)
                 for f, (sha, _) in files.items():
                     if not self.blobs.exists(sha):  # a gc ran since put(); we hold the lock now, so write again
                         self.blobs.put(directory / f)
@@ -147,9 +159,10 @@ class Registry:
             return path
         raise ConfigError(f"add() takes a ModularModel or the path of a saved module, got {type(module).__name__}")
 
-    def _parents(self, parents: Iterable[str | Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """Pin each parent: a local ref becomes "name@version" with that card's digest."""
+    def _parents(self, parents: Iterable[str | Mapping[str, Any]]) -> tuple[list[dict[str, Any]], set[str]]:
+        """Pin each parent: a local ref becomes "name@version" with that card's digest; also the local refs."""
         out: dict[str, dict[str, Any]] = {}
+        local_refs: set[str] = set()
         for item in parents:
             entry = {"ref": item, "sha256": None} if isinstance(item, str) else {"sha256": None, **dict(item)}
             if not isinstance(entry.get("ref"), str) or not entry["ref"]:
@@ -163,12 +176,23 @@ class Registry:
                     raise RegistryError(f"parent {entry['ref']!r} has sha256 {entry['sha256'][:16]}... but the "
                                         f"registry's {local.ref} is {local.digest[:16]}...; pass the right ref")
                 entry = {"ref": local.ref, "sha256": local.digest}
+                local_refs.add(local.ref)
             out.setdefault(entry["ref"], {"ref": entry["ref"], "sha256": entry["sha256"]})
         result = list(out.values())
         problem = FIELDS["parents"](result)
         if problem:
             raise ConfigError(f"parents must be {problem}, got {result!r}")
-        return result
+        return result, local_refs
+
+    def _check_parents_present(self, index: Index, parents: list[dict[str, Any]], local: set[str]) -> None:
+        """Inside the add's transaction: each local parent is still here, with the same content."""
+        for parent in parents:
+            if parent["ref"] not in local:
+                continue
+            row = index.get(*parse_ref(parent["ref"]))
+            if row is None or self._card(row).digest != parent["sha256"]:
+                raise RegistryError(f"parent {parent['ref']} was removed (or replaced) while this module was being "
+                                    "added; nothing was added. Add the parent again, or leave it out of parents=")
 
     # ----- reading -----
     def get(self, ref: str) -> Card:
@@ -218,7 +242,18 @@ class Registry:
         sha, base_name = _base_keys(base_model)
         tags = [tags] if isinstance(tags, str) else list(tags or ())
         rows = self.index.search(kind, sha, base_name, task, tags, text, compatible_only, limit)
-        return [self._card(r) for r in rows]
+        return self._readable(rows)
+
+    def _readable(self, rows: Iterable[tuple[int, str, int, str]]) -> list[Card]:
+        """Cards of `rows`; a damaged row is reported (warning) and skipped, so one bad row hides only itself."""
+        cards = []
+        for row in rows:
+            try:
+                cards.append(self._card(row))
+            except ModuleFormatError as e:
+                warnings.warn(f"skipping a damaged card: {e}; `pelthub verify` lists damaged cards, "
+                              f"`pelthub rm {row[1]}@{row[2]} --force` removes one", stacklevel=3)
+        return cards
 
     def graph(self) -> nx.DiGraph:
         """Dependency graph of composed modules: an edge parent -> child for each parent a card lists.
@@ -228,7 +263,7 @@ class Registry:
         a module was built from; `nx.descendants(g, ref)` what was built from it.
         """
         graph = nx.DiGraph()
-        cards = [self._card(r) for r in self.index.all()]
+        cards = self._readable(self.index.all())
         for card in cards:
             graph.add_node(card.ref, card=card, missing=False)
         for card in cards:
@@ -240,16 +275,24 @@ class Registry:
 
     # ----- the Hugging Face Hub (implemented in pelthub.hub, imported when used) -----
     def push(self, ref: str, repo_id: str, revision: str | None = None, private: bool = False,
-             token: str | None = None, endpoint: str | None = None, tag: str | None = None) -> str:
+             token: str | None = None, endpoint: str | None = None, tag: str | None = None,
+             timeout: float | None = None) -> str:
         """Upload module `ref` to Hub repo `repo_id` in one commit; returns the commit sha (see pelthub.hub.push)."""
         from ..hub import push
-        return push(self, ref, repo_id, revision=revision, private=private, token=token, endpoint=endpoint, tag=tag)
+        return push(self, ref, repo_id, revision=revision, private=private, token=token, endpoint=endpoint, tag=tag,
+                    timeout=timeout)
 
     def pull(self, repo_id: str, revision: str | None = None, endpoint: str | None = None,
-             token: str | None = None, name: str | None = None) -> str:
-        """Download a module (and the modules it was built from) from the Hub, verified; returns its ref."""
+             token: str | None = None, name: str | None = None, timeout: float | None = None,
+             max_depth: int | None = None, max_parents: int | None = None) -> str:
+        """Download a module (and the modules it was built from) from the Hub, verified; returns its ref.
+
+        name= is needed when the card's name is taken here by a module from
+        elsewhere; timeout, max_depth, max_parents: see pelthub.hub.pull.
+        """
         from ..hub import pull
-        return pull(self, repo_id, revision=revision, endpoint=endpoint, token=token, name=name)
+        return pull(self, repo_id, revision=revision, endpoint=endpoint, token=token, name=name, timeout=timeout,
+                    max_depth=max_depth, max_parents=max_parents)
 
     # ----- maintenance -----
     def remove(self, ref: str, force: bool = False) -> list[str]:
@@ -339,14 +382,10 @@ def _base_keys(base_model: nn.Module | str | None) -> tuple[str | None, str | No
 
 
 def _count_parameters(weights: Path) -> int:
-    """Parameters in a safetensors file; opening it also rejects a damaged or foreign file early."""
-    if not weights.is_file():
-        raise ModuleFormatError(f"{weights} not found: a module directory holds {CONFIG_FILE} and {WEIGHTS_FILE}")
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise ModuleFormatError(f"{weights} is not a readable safetensors file: {e}") from None
+    """Parameters in a safetensors file; checking it also rejects a damaged, foreign or non-float file early."""
+    header = read_header(weights)
+    check_finite(weights)
+    return sum(math.prod(shape) for shape, _ in header.values())
 
 
 def _version() -> str:
