@@ -91,3 +91,26 @@ def fill(module: nn.Module, seed: int = 0, scale: float = 0.3) -> None:
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+class Sequential(nn.Module):
+    """inner(x) followed by h + adapter(h)."""
+
+    def __init__(self, inner: nn.Module, adapter):
+        super().__init__()
+        self.inner, self.adapter = inner, adapter
+
+    def forward(self, *args, **kwargs):
+        h = self.inner(*args, **kwargs)
+        return h + self.adapter(h)
+
+
+def biased(arch: str, seed: int = 0) -> nn.Module:
+    """tiny.BUILDERS[arch]() with random biases (transformers initialises them to zero, hiding bias handling)."""
+    model = tiny.BUILDERS[arch]()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model

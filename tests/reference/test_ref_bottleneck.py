@@ -16,7 +16,7 @@ from torch import nn
 
 import pelthub as ph
 from tests import tiny
-from tests.reference.handmade import fill, logits, wrap
+from tests.reference.handmade import Sequential, fill, logits, wrap
 
 ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": torch.relu, "swish": F.silu, "tanh": torch.tanh, "gelu": F.gelu}
@@ -27,18 +27,6 @@ def adapter_fn(state: dict[str, torch.Tensor], site: str, act, scale: float):
     key = f"layers.{site.replace('.', '-')}"
     wd, bd, wu, bu = (state[f"{key}.{p}"] for p in ("down.weight", "down.bias", "up.weight", "up.bias"))
     return lambda h: scale * (act(h @ wd.T + bd) @ wu.T + bu)
-
-
-class Sequential(nn.Module):
-    """inner(x) followed by h + adapter(h)."""
-
-    def __init__(self, inner: nn.Module, adapter):
-        super().__init__()
-        self.inner, self.adapter = inner, adapter
-
-    def forward(self, *args, **kwargs):
-        h = self.inner(*args, **kwargs)
-        return h + self.adapter(h)
 
 
 class Parallel(nn.Module):
