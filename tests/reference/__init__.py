@@ -1,0 +1,1 @@
+"""Tests against independent references: expected values computed in the test from ALGORITHMS.md."""
