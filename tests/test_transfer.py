@@ -6,6 +6,7 @@ import json
 import math
 import re
 from collections import Counter
+from functools import partial
 
 import networkx as nx
 import pytest
@@ -44,7 +45,7 @@ def prompts(n: int, length: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 # ----- metrics -----
-@pytest.mark.parametrize("metric", [cosine_avg, cosine_tokens, euclidean])
+@pytest.mark.parametrize("metric", [cosine_avg, partial(cosine_tokens, normalize=True), euclidean])
 def test_prompt_metrics_are_symmetric_with_self_similarity_one(metric):
     p, q = prompts(2).values()
     assert metric(p, q) == pytest.approx(metric(q, p), abs=1e-6)
@@ -59,7 +60,7 @@ def test_cosine_formulas():
     assert cosine_tokens(p, q, normalize=False) == pytest.approx(raw, abs=1e-6)
     assert cosine_tokens(p, p, normalize=False) < 1     # the raw per-token average is not 1 for a prompt with itself
     self_p, self_q = cosine_tokens(p, p, normalize=False), cosine_tokens(q, q, normalize=False)
-    assert cosine_tokens(p, q) == pytest.approx(raw / math.sqrt(self_p * self_q), abs=1e-6)
+    assert cosine_tokens(p, q, normalize=True) == pytest.approx(raw / math.sqrt(self_p * self_q), abs=1e-6)
     assert euclidean(p, p + 1) == pytest.approx(1 / (1 + math.sqrt(3 * D)), abs=1e-6)
     with pytest.raises(ConfigError, match="euclidean"):
         euclidean(p, q)
