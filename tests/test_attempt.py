@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import pelthub as ph
 from pelthub.errors import ConfigError, NotFoundError, RoutingError
-from pelthub.modules.base import CallContext
+from pelthub.modules.base import CallContext, CallState
 from pelthub.modules.config import config_from_dict
 from tests import tiny
 
@@ -154,7 +154,9 @@ def test_mixed_task_batch_equals_each_example_alone():
     embeds = model.base.get_input_embeddings()(inputs["input_ids"])
     ids = torch.tensor([2, 0, 2])
     want, _ = explicit(mix(model), embeds, inputs["attention_mask"], ids)
-    torch.testing.assert_close(mix(model).prompt(embeds, inputs["attention_mask"], CallContext(ids)), want)
+    ctx = CallContext()
+    with ctx.bound(CallState(task_ids=ids)):
+        torch.testing.assert_close(mix(model).prompt(embeds, inputs["attention_mask"], ctx), want)
     with pytest.raises(RoutingError, match="task_ids"):
         run(model, inputs)
 

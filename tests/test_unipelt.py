@@ -87,8 +87,8 @@ def test_masking_the_prefix_columns_equals_model_without_prefix(arch):
     else:  # keep the real tokens' positions where they are without a prefix
         inputs["position_ids"] = torch.arange(inputs["input_ids"].shape[1]).expand_as(inputs["input_ids"])
     expected = run(without, inputs)
-    with torch.no_grad(), model.bind(attention_mask=inputs["attention_mask"]):
-        kwargs = model.prepare_inputs(dict(inputs))
+    with torch.no_grad(), model.bind(attention_mask=inputs["attention_mask"]) as state:
+        kwargs = model.prepare_inputs(dict(inputs), state)
         kwargs[key] = kwargs[key].clone()
         kwargs[key][:, :L] = 0
         got = model.base(**kwargs).logits

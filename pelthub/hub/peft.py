@@ -13,10 +13,12 @@ kind (plus, optionally, its trained task head, which PEFT calls
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
 import tempfile
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +115,12 @@ def to_peft(folder: str | os.PathLike, directory: str | os.PathLike, task_type: 
     state.update({f"{prefix}{site_name(k.split('.', 1)[0])}.{k.split('.', 1)[1]}": t for k, t in heads.items()})
     task_type = task_type or _task_type(head_names, fp.get("model_type"))
     one_of("export", "task_type", task_type, TASK_CLASSES)
+    if kind == "prefix" and task_type in PEFT_PREFIX_NEEDS_PAST and not backbone_takes_past_key_values():
+        warnings.warn(f"PEFT (0.21.2 and older) refuses prefix tuning with task_type={task_type!r} on transformers "
+                      f"{transformers.__version__}, whose models take the cache as `cache=`, not `past_key_values=` "
+                      "(\"Model does not support past key values\"). The exported files are correct: they load and "
+                      "run in PEFT on transformers 5.23 and older, and in pelthub on any release",
+                      PeftCompatibilityWarning, stacklevel=2)
     adapter = {"peft_type": PEFT_TYPES[kind], "task_type": task_type, "base_model_name_or_path": base["name"] or None,
                "revision": base.get("revision"), "inference_mode": True, "modules_to_save": head_names or None,
                **fields}
@@ -122,6 +130,19 @@ def to_peft(folder: str | os.PathLike, directory: str | os.PathLike, task_type: 
     (out / ADAPTER_CONFIG).write_text(json.dumps(adapter, indent=2, sort_keys=True), encoding="utf-8")
     (out / "README.md").write_text(_readme(adapter, kind, title), encoding="utf-8")
     return out
+
+
+# PEFT's task classes whose forward looks for `past_key_values` in the backbone's signature (peft_model.py).
+PEFT_PREFIX_NEEDS_PAST = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+
+
+class PeftCompatibilityWarning(UserWarning):
+    """An exported adapter that the installed PEFT will refuse to run, though its files are correct."""
+
+
+def backbone_takes_past_key_values() -> bool:
+    """Whether this transformers' backbones still name `past_key_values` in their forward (PEFT checks that)."""
+    return "past_key_values" in inspect.signature(transformers.BertModel.forward).parameters
 
 
 def _under(tensors: Tensors, prefix: str) -> Tensors:

@@ -12,14 +12,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .inputs import input_embeddings, prefix_cache, prepend_prompt
+from ..errors import ConfigError
+from ..modules.base import CallState
+from .compat import cache_keyword, given_cache
+from .inputs import cache_length, input_embeddings, prefix_cache, prepend_prompt
 
 if TYPE_CHECKING:
     from .modular import ModularModel
 
 
-def generate(model: "ModularModel", input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-             **kwargs: Any) -> torch.Tensor:
+def generate(model: "ModularModel", state: CallState, input_ids: torch.Tensor,
+             attention_mask: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
     base, g, ctx = model.base, model.sites.geometry, model.ctx
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -33,9 +36,11 @@ def generate(model: "ModularModel", input_ids: torch.Tensor, attention_mask: tor
     length = 0
     if prefixers:
         batch = input_ids.shape[0]
-        pairs = prefixers[0].prefix(batch, ctx)
-        length = pairs[0][0].shape[2]
-        inputs["past_key_values"] = prefix_cache(pairs, g)
+        if given_cache(kwargs) is not None:
+            raise ConfigError("a prefix module builds the cache itself; do not pass past_key_values= or cache=")
+        state.cache = prefix_cache(prefixers[0].prefix(batch, ctx), g)
+        length = cache_length(state.cache)
+        inputs[cache_keyword(base)] = state.cache
         if g.encoder_decoder:
             start = base.generation_config.decoder_start_token_id
             start = base.config.decoder_start_token_id if start is None else start

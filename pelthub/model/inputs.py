@@ -1,4 +1,4 @@
-"""How prompts and prefixes enter a model: through `inputs_embeds` and `past_key_values`.
+"""How prompts and prefixes enter a model: through `inputs_embeds` and a pre-filled cache.
 
 These functions take and return the keyword arguments of one forward call, so
 the base model's own forward runs unchanged.
@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
 
+from ..errors import ConfigError
+from .compat import given_cache, self_attention_layers
 from .sites import Geometry
 
 
@@ -54,14 +56,13 @@ def prefix_cache(pairs: list[tuple[torch.Tensor, torch.Tensor]], g: Geometry) ->
     return EncoderDecoderCache(cache, DynamicCache()) if g.encoder_decoder else cache
 
 
-def add_prefix(kwargs: dict[str, Any], pairs: list[tuple[torch.Tensor, torch.Tensor]], g: Geometry,
+def add_prefix(kwargs: dict[str, Any], cache: DynamicCache | EncoderDecoderCache, keyword: str, g: Geometry,
                batch: int, device: torch.device) -> dict[str, Any]:
-    """Pass the prefix as `past_key_values` and give the masks L leading "attend" columns."""
-    if kwargs.get("past_key_values") is not None:
-        from ..errors import ConfigError
-        raise ConfigError("a prefix module builds past_key_values itself; do not pass past_key_values")
-    length = pairs[0][0].shape[2]
-    out = dict(kwargs, past_key_values=prefix_cache(pairs, g))
+    """Pass the prefix `cache` under the model's cache `keyword` and give the masks L leading "attend" columns."""
+    if given_cache(kwargs) is not None:
+        raise ConfigError("a prefix module builds the cache itself; do not pass past_key_values= or cache=")
+    length = cache_length(cache)
+    out = dict(kwargs, **{keyword: cache})
     key = "decoder_attention_mask" if g.encoder_decoder else "attention_mask"
     mask = kwargs.get(key)
     if mask is None and not g.encoder_decoder:
@@ -70,3 +71,8 @@ def add_prefix(kwargs: dict[str, Any], pairs: list[tuple[torch.Tensor, torch.Ten
     if mask is not None:
         out[key] = torch.cat([_ones(batch, length, mask), mask], dim=1)
     return out
+
+
+def cache_length(cache: DynamicCache | EncoderDecoderCache) -> int:
+    """Positions the prefix cache holds (L)."""
+    return self_attention_layers(cache)[0].keys.shape[2]

@@ -2,14 +2,14 @@
 
 `ModularModel` never edits the base. Module kinds reach it through hooks and
 parametrisations (installed once, at attach), prompts through `inputs_embeds`
-and prefixes through `past_key_values` (built per call). `detach()` removes
+and prefixes through a pre-filled cache (built per call). `detach()` removes
 every hook and parametrisation and restores the `requires_grad` flags, so the
 base computes exactly what it computed before.
 """
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DuplicateNameError, RoutingError
-from ..modules.base import CallContext, Handle, PeltModule, site_key, site_name
+from ..modules.base import CallContext, CallState, Handle, PeltModule, site_key, site_name
 from ..modules.config import ModuleConfig
-from .inputs import add_prefix, input_embeddings, prepend_prompt
+from .compat import cache_keyword, disable_checkpointing, enable_checkpointing, is_checkpointing
+from .inputs import add_prefix, input_embeddings, prefix_cache, prepend_prompt
 from .sites import Sites
 
 HEAD_NAMES = ("classifier", "score", "classification_head", "qa_outputs", "lm_head")
@@ -170,17 +171,14 @@ class ModularModel(nn.Module):
 
     @contextmanager
     def bind(self, task_ids: Any = None, attention_mask: torch.Tensor | None = None,
-             batch: int | None = None) -> Iterator[None]:
-        """Set the call context for one forward or generate call."""
-        self.ctx.task_ids = self.task_index(task_ids, batch)
-        self.ctx.attention_mask = attention_mask
-        try:
-            yield
-        finally:
-            self.ctx.task_ids = self.ctx.attention_mask = None
+             batch: int | None = None) -> Iterator[CallState]:
+        """Bind a fresh call state (task ids, mask) for one forward or generate call."""
+        state = CallState(task_ids=self.task_index(task_ids, batch), attention_mask=attention_mask)
+        with self.ctx.bound(state):
+            yield state
 
-    def prepare_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Apply prompts and prefixes to one call's keyword arguments."""
+    def prepare_inputs(self, kwargs: dict[str, Any], state: CallState) -> dict[str, Any]:
+        """Apply prompts and prefixes to one call's keyword arguments (the prefix cache goes into `state`)."""
         prompters, prefixers = self.modules_of("prompt"), self.modules_of("prefix")
         g = self.sites.geometry
         if prompters:
@@ -189,16 +187,27 @@ class ModularModel(nn.Module):
                 kwargs = prepend_prompt(kwargs, embeds, m.prompt(embeds, kwargs.get("attention_mask"), self.ctx), g)
                 embeds = kwargs["inputs_embeds"]
         if prefixers:
+            self._refuse_checkpointed_prefix()
             batch = _batch_size(kwargs)
-            kwargs = add_prefix(kwargs, prefixers[0].prefix(batch, self.ctx), g, batch, self.base.device)
+            state.cache = prefix_cache(prefixers[0].prefix(batch, self.ctx), g)
+            kwargs = add_prefix(kwargs, state.cache, cache_keyword(self.base), g, batch, self.base.device)
         return kwargs
 
-    def forward(self, input_ids: torch.Tensor | None = None, task_ids: Any = None, **kwargs: Any) -> Any:
-        if input_ids is not None:
-            kwargs["input_ids"] = input_ids
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, task_ids: Any = None, **kwargs: Any) -> Any:
+        """The base model's forward with the modules applied; `task_ids` (names or indices) route per example.
+
+        The named arguments are the ones `transformers.Trainer` looks for in the signature
+        (it drops dataset columns the forward does not name); anything else passes through.
+        """
+        kwargs.update({k: v for k, v in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                                          ("labels", labels)) if v is not None})
         batch = _batch_size(kwargs)
-        with self.bind(task_ids, kwargs.get("attention_mask"), batch):
-            return self.base(**self.prepare_inputs(kwargs))
+        with self.bind(task_ids, kwargs.get("attention_mask"), batch) as state:
+            out = self.base(**self.prepare_inputs(kwargs, state))
+            for m in self.modules_of("check_call"):
+                m.check_call(state)
+            return out
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -209,8 +218,52 @@ class ModularModel(nn.Module):
         like transformers does.
         """
         from .generation import generate
-        with self.bind(task_ids, attention_mask, input_ids.shape[0]):
-            return generate(self, input_ids, attention_mask, **kwargs)
+        with self.bind(task_ids, attention_mask, input_ids.shape[0]) as state:
+            return generate(self, state, input_ids, attention_mask, **kwargs)
+
+    # ----- gradient (activation) checkpointing -----
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Checkpoint the base's layers; the recomputed forward sees the same call state (task ids, masks).
+
+        Non-reentrant checkpointing (transformers' default) is used with a `context_fn`
+        that re-binds the state captured at forward time. Reentrant checkpointing has no
+        such hook, so it is refused for modules that read the call state inside a layer.
+        """
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        if kwargs["use_reentrant"]:
+            readers = sorted({type(m).__name__ for m in self.modules_of("reads_call_state")})
+            if readers:
+                raise ConfigError(f"{', '.join(readers)} read per-call state (task ids, masks) inside the layers, "
+                                  "which reentrant checkpointing cannot restore on recompute; use "
+                                  "use_reentrant=False (the default)")
+        else:
+            kwargs["context_fn"] = self._checkpoint_contexts
+        enable_checkpointing(self.base, kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """The pre-5.24 name of `activation_checkpointing_enable` (Trainer calls either)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        disable_checkpointing(self.base)
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return is_checkpointing(self.base)
+
+    def _checkpoint_contexts(self) -> tuple[Any, Any]:
+        """torch.utils.checkpoint `context_fn`: (forward context, recompute context)."""
+        state = self.ctx.current()
+        return nullcontext(), (nullcontext() if state is None else self.ctx.bound(state))
+
+    def _refuse_checkpointed_prefix(self) -> None:
+        """transformers drops the cache inside checkpointed layers, so a prefix would silently vanish."""
+        if self.training and torch.is_grad_enabled() and is_checkpointing(self.base):
+            raise ConfigError("prefix modules cannot train under gradient checkpointing: transformers drops the "
+                              "cache (which carries the prefix) inside checkpointed layers. Disable it with "
+                              "model.gradient_checkpointing_disable(), or use LoRA / prompts, which checkpoint fine")
 
     def trainable_parameters(self) -> TrainableParameters:
         own = {id(p): p for p in self.parameters()}

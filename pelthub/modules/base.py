@@ -10,23 +10,71 @@ base model. It reaches it in one or more of three ways:
 - `prefix(batch, ctx)`: per-layer key/value pairs fed as `past_key_values`.
 
 `CallContext` carries the per-forward facts hooks may need (task ids, the
-attention mask); the wrapped model sets it for the duration of one call.
+attention mask, the prefix cache) as a `CallState` bound for one call.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import nn
 
 
 @dataclass
-class CallContext:
-    """Per-call inputs that hooks read; owned by one ModularModel, reset after each call."""
+class CallState:
+    """What one forward (or generate) call tells the hooks: built fresh per call, never shared.
+
+    `scratch` holds per-call facts a module computes once and reuses across its
+    hooks (keyed by `id(module)`), so no module keeps per-call state on itself.
+    """
 
     task_ids: torch.Tensor | None = None        # (B,) int64
     attention_mask: torch.Tensor | None = None  # (B, n) of the real tokens
+    cache: Any = None                           # the prefix cache pelthub built for this call, if any
+    scratch: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+class CallContext:
+    """Where a model's hooks find the state of the call they run in.
+
+    The state lives in a `contextvars.ContextVar`, set for the duration of one
+    call: two threads calling the same model, or the model called inside its own
+    forward (a teacher sharing the base), each see their own state. Gradient
+    checkpointing re-enters the captured state for the recomputed forward (see
+    `ModularModel.gradient_checkpointing_enable`).
+    """
+
+    def __init__(self) -> None:
+        self._var: ContextVar[CallState | None] = ContextVar(f"pelthub_call_{id(self):x}", default=None)
+
+    def current(self) -> CallState | None:
+        return self._var.get()
+
+    @contextmanager
+    def bound(self, state: CallState) -> Iterator[CallState]:
+        token = self._var.set(state)
+        try:
+            yield state
+        finally:
+            self._var.reset(token)
+
+    @property
+    def task_ids(self) -> torch.Tensor | None:
+        state = self._var.get()
+        return None if state is None else state.task_ids
+
+    @property
+    def attention_mask(self) -> torch.Tensor | None:
+        state = self._var.get()
+        return None if state is None else state.attention_mask
+
+    def scratch(self, owner: object) -> dict[str, Any]:
+        """The per-call scratch dict of `owner`; a throwaway dict when no call is bound."""
+        state = self._var.get()
+        return {} if state is None else state.scratch.setdefault(id(owner), {})
 
     def task_ids_for(self, batch: int) -> torch.Tensor | None:
         """Task ids matching a batch size; repeated per beam/sample when generation widened it."""
@@ -35,7 +83,8 @@ class CallContext:
             return ids
         if batch % ids.shape[0] == 0:
             return ids.repeat_interleave(batch // ids.shape[0])
-        raise ValueError(f"batch of {batch} does not match {ids.shape[0]} task ids")
+        from ..errors import RoutingError
+        raise RoutingError(f"a batch of {batch} does not match the {ids.shape[0]} task ids of this call")
 
 
 class Handle(Protocol):
@@ -58,6 +107,13 @@ class PeltModule(nn.Module):
     def prefix(self, batch: int, ctx: CallContext) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Per-layer (key, value) pairs (B, heads, L, head_dim), or None."""
         return None
+
+    def reads_call_state(self) -> bool:
+        """Overridden (to return True) by kinds whose hooks read the call state inside the layers."""
+        return False
+
+    def check_call(self, state: CallState) -> None:
+        """After the base forward: raise if a hook this call needed did not run (overridden where it matters)."""
 
     def merge_into(self, base: nn.Module) -> None:
         """Fold this module into the base weights (only for kinds where that is exact)."""

@@ -34,11 +34,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import transformers
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
 from ..model.sites import Sites
-from ..modules.base import CallContext, Handle, PeltModule, site_key, site_name
+from ..model.compat import self_attention_layers
+from ..modules.base import CallContext, CallState, Handle, PeltModule, site_key, site_name
 from ..modules.bottleneck import Bottleneck
 from ..modules.config import ModuleConfig
 from ..modules.lora import LoRA, LoRALinear
@@ -125,10 +127,8 @@ class UniPELTModule(PeltModule):
         self.encoder_decoder = g.encoder_decoder
         self.mask_of = {k: mask_for(site_name(k), g.encoder_decoder) for part in self.gates.values() for k in part}
         self.forced: dict[str, float] = {}
-        self._masks: dict[str, torch.Tensor | None] = {}
-        self._weights: dict[tuple, torch.Tensor | None] = {}  # mask_weights of this call, per (mask, B, n)
-        self._last: dict[str, dict[str, torch.Tensor]] = {}
-        self._pending: set[int] = set()
+        self.ctx: CallContext | None = None  # set by install; per-call facts live in the call's scratch
+        self._last: dict[str, dict[str, torch.Tensor]] = {}  # inspection only: the latest call's gates
 
     # ----- inspection and control -----
     def gate_values(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -169,13 +169,21 @@ class UniPELTModule(PeltModule):
         return g
 
     def _call_weights(self, mask: str, scores: torch.Tensor) -> torch.Tensor | None:
-        """`mask_weights` of one call mask for scores (B, n), computed once per call."""
-        key = (mask, *scores.shape)
-        if key not in self._weights:
-            self._weights[key] = mask_weights(self._masks.get(mask), *scores.shape, scores.dtype)
-        return self._weights[key]
+        """`mask_weights` of one call mask for scores (B, n), computed once per call and base step."""
+        scratch = self._scratch()
+        weights, key = scratch.setdefault("weights", {}), (mask, *scores.shape)
+        if key not in weights:
+            weights[key] = mask_weights(scratch.get("masks", {}).get(mask), *scores.shape, scores.dtype)
+        return weights[key]
+
+    def _scratch(self) -> dict[str, Any]:
+        return self.ctx.scratch(self) if self.ctx is not None else {}
+
+    def reads_call_state(self) -> bool:
+        return True
 
     def install(self, base: nn.Module, ctx: CallContext) -> list[Handle]:
+        self.ctx = ctx
         handles: list[Handle] = [base.register_forward_pre_hook(self._keep_masks, with_kwargs=True)]
         if self.encoder_decoder:  # generate runs the encoder on its own
             handles.append(base.get_encoder().register_forward_pre_hook(self._keep_encoder_mask, with_kwargs=True))
@@ -189,10 +197,13 @@ class UniPELTModule(PeltModule):
         return handles
 
     def _keep_masks(self, _m: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
-        self._masks, self._weights = {k: kwargs.get(k) for k in MASKS}, {}
+        """The masks of this base call (each generation step is one), for the gates' masked means."""
+        scratch = self._scratch()
+        scratch["masks"], scratch["weights"] = {k: kwargs.get(k) for k in MASKS}, {}
 
     def _keep_encoder_mask(self, _m: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
-        self._masks[MASKS[0]], self._weights = kwargs.get(MASKS[0]), {}
+        scratch = self._scratch()
+        scratch.setdefault("masks", {})[MASKS[0]], scratch["weights"] = kwargs.get(MASKS[0]), {}
 
     def _lora_hook(self, key: str, layer: LoRALinear) -> Any:
         def hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -208,23 +219,44 @@ class UniPELTModule(PeltModule):
         return hook
 
     def _prefix_hook(self, key: str, index: int) -> Any:
+        """Pre-hook on layer `index`'s self-attention: scale the prefix in this call's cache by the gate.
+
+        The cache is the one pelthub built for the call (held in the call state), not
+        whatever keyword transformers passes it under, so a renamed argument cannot
+        make the gate skip: `check_call` raises if a layer's gate did not run.
+        """
         def hook(_m: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            cache = kwargs.get("past_key_values")
-            if cache is None or index not in self._pending:
+            state = self.ctx.current() if self.ctx is not None else None
+            pending = self._scratch().get("pending_prefix")
+            if state is None or state.cache is None or not pending or index not in pending:
                 return
-            self._pending.discard(index)
-            g = self.gate("prefix", key, kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
-            layer = getattr(cache, "self_attention_cache", cache).layers[index]
+            pending.discard(index)
+            x = args[0] if args else kwargs.get("hidden_states")
+            if not isinstance(x, torch.Tensor):
+                raise UnsupportedModelError(f"UniPELT's prefix gate found no hidden states entering "
+                                            f"{site_name(key)} (transformers {transformers.__version__})")
+            g = self.gate("prefix", key, x)
+            layer = self_attention_layers(state.cache)[index]
             scale = g.view(-1, 1, 1, 1).to(layer.keys.dtype)
             layer.keys, layer.values = layer.keys * scale, layer.values * scale
         return hook
+
+    def check_call(self, state: CallState) -> None:
+        missed = self.ctx.scratch(self).get("pending_prefix") if self.ctx is not None else None
+        if missed:
+            names = [n for n, i in self.prefix_layers.items() if i in missed]
+            raise UnsupportedModelError(
+                f"UniPELT's prefix gate did not run at {names[:3]}{'...' if len(names) > 3 else ''}: the "
+                f"self-attention modules were not called before their cached prefix was used (transformers "
+                f"{transformers.__version__}). Run `pelthub doctor`; until this release is supported, leave "
+                "prefix= out of UniPELT")
 
 
 class UniPELTPrefixModule(UniPELTModule):
     """UniPELT with a prefix: also provides the (ungated) prefix cache that the layer hooks gate."""
 
     def prefix(self, batch: int, ctx: CallContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        self._pending = set(self.prefix_layers.values())
+        ctx.scratch(self)["pending_prefix"] = set(self.prefix_layers.values())
         return self.parts["prefix"].prefix(batch, ctx)
 
 

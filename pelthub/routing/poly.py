@@ -203,6 +203,9 @@ class PolyModule(PeltModule):
         """(group, lr relative to the module lr, parameters): the routing logits, `ROUTING_LR_SCALE`."""
         return [("routing", ROUTING_LR_SCALE, list(self.router.parameters()))] if len(self.router) else []
 
+    def reads_call_state(self) -> bool:
+        return self.config.variant != "mu"
+
     def install(self, base: nn.Module, ctx: CallContext) -> list[Handle]:
         return [add_to_output(base.get_submodule(site_name(k)), partial(self._delta, k, ctx)) for k in self.layers]
 
