@@ -296,3 +296,16 @@ def test_cli_rank_json(tokenizer, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["metric"] == "on" and len(out["ranking"]) == 2
     assert {r["name"] for r in out["ranking"]} <= {"src0@1", "src1@1", "src2@1"}
+
+
+def test_target_seeds_average_the_scores_of_one_seed_runs(tokenizer):
+    data, cands = task_data(), prompts(3, length=3)
+    one = [dict(rank_sources(tiny.bert(), data, cands, "cosine_avg", tokenizer=tokenizer, target_steps=2, seed=s).rows)
+           for s in (4, 5)]
+    both = dict(rank_sources(tiny.bert(), data, cands, "cosine_avg", tokenizer=tokenizer, target_steps=2, seed=4,
+                             target_seeds=2).rows)
+    assert both == pytest.approx({n: (one[0][n] + one[1][n]) / 2 for n in cands}, abs=1e-6)
+    assert one[0] != pytest.approx(one[1], abs=1e-6)        # the seeds do give different task embeddings
+    with pytest.raises(ConfigError, match="target_seeds"):
+        rank_sources(tiny.bert(), data, cands, "on", target=ph.attach(tiny.bert(), ph.Prompt(length=3)),
+                     target_seeds=2)
