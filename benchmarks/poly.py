@@ -2,6 +2,8 @@
 
     python -m benchmarks.poly            # MiniLM geometry, batch 64 x 64 (inference), 32 x 64 (training)
     python -m benchmarks.poly --quick    # smaller batches and fewer repeats
+    python -m benchmarks.poly --adapt [--quick]   # accuracy: multi-task pre-training, then few-shot
+                                                  # add_task vs LoRA (benchmarks/poly_adapt.py)
 
 MiniLM geometry (BERT, hidden 384, 6 layers, 12 heads, FFN 1536) with random weights; 2 threads.
 
@@ -142,7 +144,13 @@ def main() -> None:
                         help="cpu: process CPU time, steadier when other processes share the cores")
     parser.add_argument("--threads", type=int, default=common.THREADS)
     parser.add_argument("--only", choices=("inference", "training"), default=None)
+    parser.add_argument("--adapt", action="store_true",
+                        help="run the papers' protocol on the real MiniLM instead of the timings (poly_adapt.py)")
     args = parser.parse_args()
+    if args.adapt:
+        from benchmarks.poly_adapt import main as adapt
+        adapt([*(["--quick"] if args.quick else []), "--threads", str(args.threads)])
+        return
     common.setup(args.threads)
     repeats = args.repeats or (3 if args.quick else 7)
     inf_batch, train_batch, length = (16, 8, 32) if args.quick else (64, 32, 64)

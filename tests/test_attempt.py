@@ -77,7 +77,10 @@ def test_weights_sum_to_one_differ_between_inputs_and_match_the_formula():
     assert a.shape == (3, 5) and m.candidates == ["s0", "s1", "s2", "s3", "<target>"]
     torch.testing.assert_close(a.sum(-1), torch.ones(3))
     assert not torch.allclose(a[0], a[1], atol=1e-6, rtol=0)
-    assert m.temperature == pytest.approx(D * math.e)
+    keys = torch.stack([c.detach().amax(0) for c in [*m.sources, m.targets[0]]])  # calibrated: RMS distance to the mean key
+    assert m.temperature == pytest.approx(math.sqrt(((keys - keys.mean(0)) ** 2).sum(1).mean()), rel=1e-5)
+    assert m.config.temperature == m.temperature  # written into the config, so a saved module keeps it
+    assert mix(ph.compose(tiny.bert(), m.config.replace(temperature=None))).temperature == pytest.approx(D * math.e)
     embeds = model.base.get_input_embeddings()(inputs["input_ids"])
     want_p, want_a = explicit(m, embeds, inputs["attention_mask"])
     torch.testing.assert_close(m.prompt(embeds, inputs["attention_mask"], CallContext()), want_p)

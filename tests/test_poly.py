@@ -22,7 +22,7 @@ TASKS = ("a", "b", "c")
 
 def composed(arch="bert", seed=0, **kw):
     """An eval-mode Poly model with B moved off zero (so every path is visible in the outputs)."""
-    kw = {"tasks": TASKS, "skills": 3, "rank": 2, **kw}
+    kw = {"tasks": TASKS, "skills": 3, "rank": 2, "alpha": 1.0, **kw}  # mttl scale: keeps the outputs small
     model = ph.compose(tiny.BUILDERS[arch](), ph.Poly(**kw)).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

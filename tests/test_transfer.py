@@ -6,8 +6,10 @@ import json
 import math
 import re
 from collections import Counter
+from functools import partial
 
 import networkx as nx
+import numpy as np
 import pytest
 import torch
 from transformers import BertTokenizer
@@ -19,7 +21,9 @@ from pelthub.training import fit
 from pelthub.transfer import (activation_cosine, cosine_avg, cosine_tokens, distill, euclidean, evaluate, init_from,
                               on, prompt_activations, rank_sources, score_matrix, zero_shot)
 from pelthub.transfer import cli
+from pelthub.transfer.evaluate import run_seed, shuffled_labels
 from pelthub.transfer.plots import heatmap, similarity_graph
+from pelthub.transfer.stats import auc, mean_ci
 from tests import tiny
 
 D = 32  # tiny hidden size
@@ -44,7 +48,7 @@ def prompts(n: int, length: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 # ----- metrics -----
-@pytest.mark.parametrize("metric", [cosine_avg, cosine_tokens, euclidean])
+@pytest.mark.parametrize("metric", [cosine_avg, partial(cosine_tokens, normalize=True), euclidean])
 def test_prompt_metrics_are_symmetric_with_self_similarity_one(metric):
     p, q = prompts(2).values()
     assert metric(p, q) == pytest.approx(metric(q, p), abs=1e-6)
@@ -59,7 +63,7 @@ def test_cosine_formulas():
     assert cosine_tokens(p, q, normalize=False) == pytest.approx(raw, abs=1e-6)
     assert cosine_tokens(p, p, normalize=False) < 1     # the raw per-token average is not 1 for a prompt with itself
     self_p, self_q = cosine_tokens(p, p, normalize=False), cosine_tokens(q, q, normalize=False)
-    assert cosine_tokens(p, q) == pytest.approx(raw / math.sqrt(self_p * self_q), abs=1e-6)
+    assert cosine_tokens(p, q, normalize=True) == pytest.approx(raw / math.sqrt(self_p * self_q), abs=1e-6)
     assert euclidean(p, p + 1) == pytest.approx(1 / (1 + math.sqrt(3 * D)), abs=1e-6)
     with pytest.raises(ConfigError, match="euclidean"):
         euclidean(p, q)
@@ -228,26 +232,47 @@ def test_distill_keeps_the_teacher_frozen_and_beta_matters(tokenizer):
 
 
 # ----- evaluate, plots -----
-def test_evaluate_reports_every_metric(tokenizer, tmp_path):
-    tasks = ["sentiment_movies", "sentiment_hotels", "topic_news"]
-    study = evaluate(lambda k: tiny.bert(num_labels=k), tokenizer, tasks, source_steps=3, target_steps=2,
-                     prompt=ph.Prompt(length=3), batch_size=8, n_train=16, n_dev=8, progress=False)
-    assert study.gains.shape == (3, 3) and math.isnan(study.transferred[0, 0])
-    assert set(study.spearman) == {"on", "activation_cosine", "cosine_avg", "cosine_tokens", "euclidean",
-                                   "zero_shot", "same_family"}
-    assert all(0 <= v <= 1 for v in study.top1.values())
-    assert "ρ vs loss gain" in study.table() and set(study.spearman_loss) == set(study.spearman)
-    assert json.loads(json.dumps(study.to_dict()))["tasks"] == tasks
-    assert study.source_prompts.shape == study.target_prompts.shape == (3, 3, D)
-    acts = prompt_activations(tiny.bert(), [*study.source_prompts, *study.target_prompts])
-    study.add_scores("on, last layer", score_matrix("on", acts[:3], acts[3:], slice(-1, None)).numpy())
-    assert "on, last layer" in study.table() and math.isnan(study.scores["on, last layer"][1, 1])
-    fig = heatmap(study.scores["on"], tasks, tasks, "ON", path=tmp_path / "on.png")
-    assert (tmp_path / "on.png").stat().st_size > 0 and fig.axes
-    graph = similarity_graph(tasks, study.scores["same_family"], threshold=0.5, families=study.families)
-    assert set(graph.edges) == {("sentiment_movies", "sentiment_hotels")}
+def test_evaluate_reports_every_metric_with_controls(tokenizer, tmp_path):
+    sources = ["sentiment_movies", "sentiment_products", "topic_news"]
+    targets = ["sentiment_hotels", "sentiment_products"]               # a target among the sources skips itself
+    study = evaluate(lambda k: tiny.bert(num_labels=k), tokenizer, sources, targets, seeds=2, source_seeds=1,
+                     source_steps=3, target_steps=2, prompt=ph.Prompt(length=3), batch_size=8, n_train=16, shots=8,
+                     n_dev=8, progress=False)
+    assert study.transferred.shape == study.zero_shot.shape == (3, 2, 2) and study.baseline.shape == (2, 2)
+    assert np.isnan(study.transferred[1, 1]).all() and not np.isnan(study.transferred[0]).any()
+    assert np.isnan(study.zero_shot[2]).all()                           # 4 labels: no shared head, no zero-shot
+    assert not np.isnan(study.shuffled).any() and not np.isnan(study.vocab).any()
+    assert set(study.scores) == set(study.ranking()) == {"on", "activation_cosine", "cosine_avg", "cosine_tokens",
+                                                          "euclidean", "zero_shot"}
+    assert study.ranking()["on"]["auc"] in (0.0, 0.5, 1.0)              # one same-family vs one other per target
+    assert len(study.conditions()["SPoT, same-family source"]) == 4 and "AUC same vs other" in study.table()
+    assert json.loads(json.dumps(study.to_dict()))["targets"] == targets
+    graph = similarity_graph(sources, np.array([[1.0 if study.families[a] == study.families[b] else 0.0
+                                                 for b in sources] for a in sources]), threshold=0.5,
+                             families=[study.families[s] for s in sources])
+    assert set(graph.edges) == {("sentiment_movies", "sentiment_products")}
+    fig = heatmap(study.transferred[:, :, 0], sources, targets, "SPoT accuracy", path=tmp_path / "spot.png")
+    assert (tmp_path / "spot.png").stat().st_size > 0 and fig.axes
     nx.write_graphml(graph, tmp_path / "tasks.graphml")
     assert nx.read_graphml(tmp_path / "tasks.graphml").nodes["topic_news"]["family"] == "topic"
+
+
+def test_each_run_starts_from_its_own_prompt_and_head():
+    assert len({run_seed(role, "sentiment_hotels", r) for role in ("random", "vocab") for r in range(3)}) == 6
+
+
+def test_shuffled_labels_keep_inputs_and_balance():
+    data = task_data(n=40)
+    shuffled = shuffled_labels(data, seed=0)
+    assert [e.text for e in shuffled] == [e.text for e in data]
+    assert Counter(e.label for e in shuffled) == Counter(e.label for e in data)
+    assert [e.label for e in shuffled] != [e.label for e in data]
+
+
+def test_study_statistics():
+    m, h, n = mean_ci([1.0, 2.0, 3.0])
+    assert (m, n) == (2.0, 3) and h == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-5)   # t(0.975, 2)
+    assert auc([3, 2], [1, 2]) == pytest.approx((1 + 1 + 1 + 0.5) / 4)
 
 
 # ----- CLI -----
@@ -271,3 +296,16 @@ def test_cli_rank_json(tokenizer, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["metric"] == "on" and len(out["ranking"]) == 2
     assert {r["name"] for r in out["ranking"]} <= {"src0@1", "src1@1", "src2@1"}
+
+
+def test_target_seeds_average_the_scores_of_one_seed_runs(tokenizer):
+    data, cands = task_data(), prompts(3, length=3)
+    one = [dict(rank_sources(tiny.bert(), data, cands, "cosine_avg", tokenizer=tokenizer, target_steps=2, seed=s).rows)
+           for s in (4, 5)]
+    both = dict(rank_sources(tiny.bert(), data, cands, "cosine_avg", tokenizer=tokenizer, target_steps=2, seed=4,
+                             target_seeds=2).rows)
+    assert both == pytest.approx({n: (one[0][n] + one[1][n]) / 2 for n in cands}, abs=1e-6)
+    assert one[0] != pytest.approx(one[1], abs=1e-6)        # the seeds do give different task embeddings
+    with pytest.raises(ConfigError, match="target_seeds"):
+        rank_sources(tiny.bert(), data, cands, "on", target=ph.attach(tiny.bert(), ph.Prompt(length=3)),
+                     target_seeds=2)

@@ -252,6 +252,16 @@ _SPEECH_ACT = _form({
                "|would you mind {ing} {obj}?|remember to {base} {obj} {time}.|could you {base} {obj} for {subj}?",
 }, drop_question_mark=0.2)
 
+# The question task of `form_question` in chat: same label ids, other wrappers, so the pair
+# is related with aligned labels (a source's head means the same thing on the other).
+_QUESTION_IN_CHAT = _form({
+    "statement": "fyi {subj} {past} {obj} {time}.|just so you know, {subj} will {base} {obj}."
+                 "|heads up: {subj} has {pp} {obj}.|{subj} {past} {obj} {time}, all good."
+                 "|looks like {subj} forgot to {base} {obj}.|ok so {subj} is {ing} {obj} {time}.",
+    "question": "quick q: did {subj} {base} {obj} {time}?|any idea if {subj} {past} {obj}?"
+                "|hey, has {subj} {pp} {obj} yet?|wait, is {subj} {ing} {obj} {time}?"
+                "|so when will {subj} {base} {obj}?|do we know why {subj} {past} {obj}?",
+}, drop_question_mark=0.4)
 
 # --------------------------------------------------------------------- pair
 _NAMES = _ws("Anna|Ben|Carla|David|Elena|Farid|Grace|Hugo|Ines|Jonas|Kemal|Lena|Marco|Nadia|Omar|Priya")
@@ -389,6 +399,7 @@ SPECS: dict[str, Spec] = {
     "topic_forum": Spec("topic", ("sports", "technology", "health", "money"), _FORUM),
     "topic_hobbies": Spec("topic", ("cooking", "gardening", "music"), _HOBBIES),
     "form_question": Spec("form", ("statement", "question"), _QUESTION_VS_STATEMENT),
+    "form_question_chat": Spec("form", ("statement", "question"), _QUESTION_IN_CHAT),
     "form_formality": Spec("form", ("informal", "formal"), _FORMALITY),
     "form_speech_act": Spec("form", ("statement", "question", "request"), _SPEECH_ACT),
     "pair_paraphrase": Spec("pair", ("different", "paraphrase"), _paraphrase),

@@ -4,13 +4,16 @@ Prompt-space metrics, on P (L₁, d) and Q (L₂, d) with tokens p_i, q_j:
 
     cosine_avg(P, Q)    = cos(mean_i p_i, mean_j q_j)                             SPoT, Vu et al. 2022
     cosine_tokens(P, Q) = (1/L₁L₂) Σ_i Σ_j cos(p_i, q_j) = ⟨ū_P, ū_Q⟩,  ū_P = mean_i p_i/‖p_i‖
-                          divided by √(⟨ū_P, ū_P⟩⟨ū_Q, ū_Q⟩), i.e. cos(ū_P, ū_Q)
+                                                                                    SPoT / Su et al. 2022
     euclidean(P, Q)     = 1 / (1 + ‖flat(P) − flat(Q)‖)        (L₁ = L₂)          Su et al. 2022
 
-The per-token average of SPoT/Su et al. is ⟨ū_P, ū_Q⟩ itself, which is below 1
-for a prompt with itself unless all its tokens point the same way; the
-normalisation (`normalize=False` gives the raw average) makes it a
-similarity with self-similarity 1. Activation metrics, on activations
+cosine_tokens is the papers' per-token average by default. It is below 1 for a
+prompt with itself unless all its tokens point the same way; `normalize=True`
+divides by √(⟨ū_P, ū_P⟩⟨ū_Q, ū_Q⟩), i.e. gives cos(ū_P, ū_Q) with
+self-similarity 1. That is not the default because dividing by the sources'
+self-similarity re-orders sources against the papers' metric (a source with
+spread-out tokens gains), so rankings would not be the published ones.
+Activation metrics, on activations
 a, b (N_layers, F) from `activations.prompt_activations`, over a window of
 layers (`layers`: indices or a slice, default all):
 
@@ -18,7 +21,7 @@ layers (`layers`: indices or a slice, default all):
     activation_cosine(a, b) = cos(flat(a[layers]), flat(b[layers]))                        PANDA
 
 ON is 0 when either prompt activates no neuron. Every metric here is
-symmetric and gives 1 for a prompt with itself. `zero_shot` (in `rank`) is
+symmetric and gives 1 for a prompt with itself, except the raw cosine_tokens. `zero_shot` (in `rank`) is
 the only directional one. `score_matrix` computes any of them for all pairs of
 two lists at once.
 """
@@ -56,7 +59,7 @@ def _cosine_avg(xs: Prompts, ys: Prompts) -> torch.Tensor:
     return _cos(torch.stack([p.mean(0) for p in _prompts(xs)]), torch.stack([q.mean(0) for q in _prompts(ys)]))
 
 
-def _cosine_tokens(xs: Prompts, ys: Prompts, normalize: bool = True) -> torch.Tensor:
+def _cosine_tokens(xs: Prompts, ys: Prompts, normalize: bool = False) -> torch.Tensor:
     u, v = _mean_unit(_prompts(xs)), _mean_unit(_prompts(ys))
     return _cos(u, v) if normalize else u @ v.T
 
@@ -101,7 +104,7 @@ ACTIVATION_METRICS: dict[str, Callable[..., torch.Tensor]] = {"on": _on, "activa
 
 
 def score_matrix(metric: str, xs: Prompts | torch.Tensor, ys: Prompts | torch.Tensor, layers: Layers = None,
-                 normalize: bool = True) -> torch.Tensor:
+                 normalize: bool = False) -> torch.Tensor:
     """(n, m) scores of `metric` for every pair of n prompts (or activations) and m others."""
     if metric in ACTIVATION_METRICS:
         return ACTIVATION_METRICS[metric](xs, ys, layers)
@@ -117,8 +120,8 @@ def cosine_avg(p: torch.Tensor, q: torch.Tensor) -> float:
     return float(_cosine_avg([p], [q])[0, 0])
 
 
-def cosine_tokens(p: torch.Tensor, q: torch.Tensor, normalize: bool = True) -> float:
-    """Per-token average cosine of two prompts, normalised to 1 for a prompt with itself (see module doc)."""
+def cosine_tokens(p: torch.Tensor, q: torch.Tensor, normalize: bool = False) -> float:
+    """Per-token average cosine of two prompts (the papers' metric); normalize=True: cos(ū_P, ū_Q) (module doc)."""
     return float(_cosine_tokens([p], [q], normalize)[0, 0])
 
 

@@ -175,7 +175,7 @@ def rank_sources(base: nn.Module, target_data: Sequence[Example], candidates: An
                  tokenizer: Any = None, target: ModularModel | Prompt | None = None, target_steps: int = 50,
                  batch_size: int = 16, lr: float = 0.03, layers: Layers = None, position: str = "filler",
                  registry: Any = None, eval_examples: int = 128, chunk: int = 64, seed: int = 0,
-                 max_length: int = 64, progress: bool = False) -> Ranking:
+                 target_seeds: int = 1, max_length: int = 64, progress: bool = False) -> Ranking:
     """Score every candidate source prompt for the target task and sort them, best first.
 
     base: the plain sequence-classification model (its head's label count fits
@@ -192,7 +192,10 @@ def rank_sources(base: nn.Module, target_data: Sequence[Example], candidates: An
     CLS, BOS or pad token; the config's pad token when no tokenizer is
     needed or given). zero_shot uses the first `eval_examples` target
     examples. `tokenizer` defaults to `AutoTokenizer` for the base's
-    `name_or_path` when tuning or zero_shot needs one.
+    `name_or_path` when tuning or zero_shot needs one. target_seeds: tune the
+    target prompt with seeds seed, seed+1, … and average each candidate's
+    score over them: one short tuning run is a noisy task embedding (on
+    MiniLM the top-ranked source changed between seeds of one target).
     """
     if metric not in METRICS:
         raise ConfigError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
@@ -203,6 +206,9 @@ def rank_sources(base: nn.Module, target_data: Sequence[Example], candidates: An
     if not isinstance(target_steps, int) or target_steps < 1:
         raise ConfigError(f"target_steps must be a positive int, got {target_steps!r}")
     owned = not isinstance(target, ModularModel)
+    if not isinstance(target_seeds, int) or target_seeds < 1 or (target_seeds > 1 and not owned):
+        raise ConfigError(f"target_seeds must be a positive int (1 when a tuned target model is given), "
+                          f"got {target_seeds!r}")
     if not owned and target.base is not base:
         check_compatible(base_model_info(target.base), base, "the target model")
     if owned or metric == "zero_shot":
@@ -210,32 +216,45 @@ def rank_sources(base: nn.Module, target_data: Sequence[Example], candidates: An
     prompts, modules, excluded = resolve(base, candidates, registry, progress)
     if not prompts:
         return Ranking(metric, [], excluded, {})
-    model = _tune_target(base, target_data, tokenizer, target, prompts, target_steps, batch_size, lr, seed,
-                         max_length, progress) if owned else target
-    try:
-        mine = prompt_tensor(model).float().cpu()
-        if metric == "euclidean":
-            bad = [n for n, p in prompts.items() if p.shape != mine.shape]
-            excluded += [(n, f"euclidean needs length {mine.shape[0]}, this prompt has {prompts.pop(n).shape[0]} "
-                             "tokens") for n in bad]
-        names = list(prompts)
-        if not names:
-            return Ranking(metric, [], excluded, {}, mine)
-        if metric == "zero_shot":
-            data = list(target_data)[:eval_examples]
-            scores = [zero_shot(model, prompts[n], data, tokenizer, max_length=max_length)
-                      for n in tqdm(names, desc="zero-shot", disable=not progress, leave=False)]
-        elif metric in ACTIVATION_METRICS:
-            acts = prompt_activations(base, [mine, *(prompts[n] for n in names)], _filler(tokenizer), position,
-                                      chunk, progress)
-            scores = score_matrix(metric, acts[:1], acts[1:], layers)[0].tolist()
-        else:
-            scores = score_matrix(metric, [mine], [prompts[n] for n in names])[0].tolist()
-    finally:
-        if owned:
-            model.detach()
+    mine = None
+    if metric == "euclidean":
+        length = target.length if isinstance(target, Prompt) else prompt_tensor(target).shape[0] if not owned \
+            else Counter(p.shape[0] for p in prompts.values()).most_common(1)[0][0]
+        bad = [n for n, p in prompts.items() if p.shape[0] != length]
+        excluded += [(n, f"euclidean needs length {length}, this prompt has {prompts.pop(n).shape[0]} tokens")
+                     for n in bad]
+    names = list(prompts)
+    if not names:
+        return Ranking(metric, [], excluded, {})
+    runs = []
+    for r in range(target_seeds):
+        model = _tune_target(base, target_data, tokenizer, target, prompts, target_steps, batch_size, lr, seed + r,
+                             max_length, progress) if owned else target
+        try:
+            here = prompt_tensor(model).float().cpu()
+            mine = here if mine is None else mine
+            runs.append(_scores(metric, base, model, here, [prompts[n] for n in names], target_data, tokenizer,
+                                layers, position, eval_examples, chunk, max_length, progress))
+        finally:
+            if owned:
+                model.detach()
+    scores = torch.tensor(runs, dtype=torch.float64).mean(0).tolist()
     rows = sorted(zip(names, map(float, scores)), key=lambda r: (-r[1], r[0]))
     return Ranking(metric, rows, excluded, {n: modules[n] for n, _ in rows}, mine)
+
+
+def _scores(metric: str, base: nn.Module, model: ModularModel, mine: torch.Tensor, candidates: list[torch.Tensor],
+            target_data: Sequence[Example], tokenizer: Any, layers: Layers, position: str, eval_examples: int,
+            chunk: int, max_length: int, progress: bool) -> list[float]:
+    """Each candidate's score against one tuned target model (its prompt `mine`)."""
+    if metric == "zero_shot":
+        data = list(target_data)[:eval_examples]
+        return [zero_shot(model, p, data, tokenizer, max_length=max_length)
+                for p in tqdm(candidates, desc="zero-shot", disable=not progress, leave=False)]
+    if metric in ACTIVATION_METRICS:
+        acts = prompt_activations(base, [mine, *candidates], _filler(tokenizer), position, chunk, progress)
+        return score_matrix(metric, acts[:1], acts[1:], layers)[0].tolist()
+    return score_matrix(metric, [mine], candidates)[0].tolist()
 
 
 def _tune_target(base: nn.Module, data: Sequence[Example], tokenizer: Any, target: Prompt | None,
