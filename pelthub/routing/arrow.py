@@ -119,7 +119,7 @@ class Arrow(ModuleConfig):
         layout = tuple((site, tuple((i, lora[site][0].shape[0]) for i, lora in enumerate(loras) if site in lora))
                        for site in dict.fromkeys(s for lora in loras for s in lora))
         module = ArrowModule(self.replace(layout=layout), {site: _site_dims(sites, site, "Arrow") for site, _ in layout})
-        stored = None if self.gks is not None else self._stored_prototypes()
+        stored = [None] * len(loras) if self.gks is not None else self._stored_prototypes()
         module.load_sources(loras, stored)
         return module
 
@@ -234,6 +234,10 @@ class ArrowModule(PeltModule):
                 layer.lora_b[j, :, :r] = b * scale
                 saved = (stored[i] or {}).get(site)
                 layer.prototypes[j] = saved if saved is not None else top_right_singular(a, b)
+
+    def parents(self, registry: Any = None) -> list[dict[str, Any]]:
+        """The registry modules routed over, for `compose`'s `model.parents` (see `Arrow.parents`)."""
+        return self.config.parents(registry)
 
     def routing(self, site: str, h: torch.Tensor) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """(source names, chosen (t, k) indices into them, weights (t, k)) at `site` for tokens h (t, in)."""
