@@ -195,14 +195,16 @@ class ArrowLinear(nn.Module):
         if h.shape[0] == 0:
             return h.new_zeros(*lead, self.lora_b.shape[1])
         chosen, weights = self.route(h, top_k, temperature)
-        k = chosen.shape[1]
         order = chosen.reshape(-1).argsort()                 # (token, slot) pairs grouped by source
-        tokens = order // k
+        tokens, w = order // chosen.shape[1], weights.reshape(-1)[order, None]
         counts = torch.bincount(chosen.reshape(-1), minlength=len(self.ranks)).tolist()
-        pieces = [rows @ self.lora_a[e, :r].T @ self.lora_b[e, :, :r].T
-                  for e, (rows, r) in enumerate(zip(h.index_select(0, tokens).split(counts), self.ranks)) if counts[e]]
-        y = torch.cat(pieces) * weights.reshape(-1)[order, None]
-        out = h.new_zeros(h.shape[0], self.lora_b.shape[1]).index_add(0, tokens, y)
+        out, start = h.new_zeros(h.shape[0], self.lora_b.shape[1]), 0
+        for e, (n, r) in enumerate(zip(counts, self.ranks)):  # only the sources some token chose
+            if n:
+                rows = tokens[start:start + n]
+                z = h.index_select(0, rows) @ self.lora_a[e, :r].T * w[start:start + n]
+                out.index_add_(0, rows, z @ self.lora_b[e, :, :r].T)
+            start += n
         return out.reshape(*lead, -1)
 
 
