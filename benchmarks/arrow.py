@@ -12,10 +12,11 @@ routers hold the same weights and route top-2 at temperature 1.
    pelthub Arrow (`ph.compose(base, ph.Arrow(loras, top_k=2))`: each source computes only the
    tokens routed to it) and PEFT's Arrow (`create_arrow_model` on the same LoRAs saved by PEFT:
    every source computes every token). Time: median of interleaved rounds on the process CPU
-   clock (robust on a shared machine; wall clock beside it). Memory, measured after the timing:
-   the peak resident-set growth during one forward, sampled every 0.5 ms, with glibc's mmap
-   threshold lowered to 64 KiB (`mallopt`) so that large tensors are mapped and unmapped, and
-   each forward's peak is its own.
+   clock (robust on a shared machine; wall clock beside it). Memory: "held" is the parameters
+   and buffers of the model (base, sources, prototypes; exact), "forward peak" the largest
+   resident-set growth during a forward, sampled about every 0.1 ms with glibc's mmap threshold
+   lowered to 64 KiB (`mallopt`) so that large tensors are mapped and unmapped and each
+   forward's peak is its own; the ratio is of their sum.
 2. Search: `signatures.route_fractions` ranking 10,000 synthetic signatures (unit random
    prototypes at the 12 query / value sites) for the hidden states of a few example tokens,
    after the hidden states are computed, plus stacking the 10,000 signatures into the per-layer
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -63,23 +65,40 @@ def mmap_threshold(size: int) -> None:
     libc.malloc_trim(0)
 
 
-def peak_mb(fn: Callable[[], Any]) -> float:
-    """Peak RSS growth (MiB) while fn runs, sampled every 0.5 ms."""
-    stop, start = threading.Event(), rss()
-    peak = [start]
+def peak_mb(fn: Callable[[], Any], runs: int = 3) -> float:
+    """Peak RSS growth (MiB) while fn runs: the largest of `runs` calls, sampled about every 0.1 ms.
 
-    def poll() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.0005)
-    thread = threading.Thread(target=poll)
-    thread.start()
+    The GIL switch interval is cut to 10 µs meanwhile, so the sampling thread also runs between
+    the forward's Python-level steps.
+    """
+    interval, best = sys.getswitchinterval(), 0
+    sys.setswitchinterval(1e-5)
     try:
-        fn()
+        for _ in range(runs):
+            stop, start = threading.Event(), rss()
+            peak = [start]
+
+            def poll() -> None:
+                while not stop.is_set():
+                    peak[0] = max(peak[0], rss())
+                    time.sleep(0.0001)
+            thread = threading.Thread(target=poll)
+            thread.start()
+            try:
+                fn()
+            finally:
+                stop.set()
+                thread.join()
+            best = max(best, max(peak[0], rss()) - start)
     finally:
-        stop.set()
-        thread.join()
-    return (max(peak[0], rss()) - start) / 2**20
+        sys.setswitchinterval(interval)
+    return best / 2**20
+
+
+def resident_mb(model: torch.nn.Module) -> float:
+    """Parameters and buffers the model holds (base, modules, PEFT's cached prototypes), in MiB."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
 
 
 def random_loras(base: torch.nn.Module, n: int, seed: int = 0) -> list[Any]:
@@ -124,6 +143,7 @@ def forward_rows(sizes: list[int], batch: int, seq: int, repeats: int) -> list[d
         def run() -> Any:
             with torch.no_grad():
                 return model(**inputs).logits
+        run.model = model  # type: ignore[attr-defined]
         return run
     rows = [{"n": 1, "method": "one unmerged LoRA (pelthub)", "_fn": call(one)}]
     for n in sizes:
@@ -137,12 +157,13 @@ def forward_rows(sizes: list[int], batch: int, seq: int, repeats: int) -> list[d
         wall = common.medians(fns, repeats=repeats, warmup_steps=0)
         mmap_threshold(64 * 2**10)
         for key, fn in fns.items():
-            rows[int(key)].update(ms=cpu[key], wall=wall[key], mb=min(peak_mb(fn) for _ in range(2)))
+            rows[int(key)].update(ms=cpu[key], wall=wall[key], peak=peak_mb(fn), held=resident_mb(fn.model))
         for r in rows[-2:]:
             r["_fn"] = None  # free the models of this size before the next
     ref = rows[0]
     for r in rows:
-        r["time_x"], r["mem_x"] = r["ms"] / ref["ms"], r["mb"] / ref["mb"] if ref["mb"] else None
+        r["mb"] = r["held"] + r["peak"]
+        r["time_x"], r["mem_x"] = r["ms"] / ref["ms"], r["mb"] / ref["mb"]
     return rows
 
 
@@ -179,8 +200,9 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; {common.load_average()}\n", flush=True)
     rows = forward_rows(args.sizes, args.batch, args.seq, repeats)
     common.print_table(rows, [("n", "library"), ("method", "method"), ("ms", "CPU ms / forward"),
-                              ("wall", "wall ms"), ("time_x", "time ÷ one LoRA"), ("mb", "peak MiB"),
-                              ("mem_x", "memory ÷ one LoRA")], digits={"ms": 1, "wall": 1, "mb": 1})
+                              ("wall", "wall ms"), ("time_x", "time ÷ one LoRA"), ("held", "held MiB"),
+                              ("peak", "forward peak MiB"), ("mem_x", "(held + peak) ÷ one LoRA")],
+                     digits={"ms": 1, "wall": 1, "held": 1, "peak": 1})
     print(f"\n# Search: route_fractions over {args.signatures:,} synthetic signatures (after hidden states)\n")
     common.print_table(search_rows(args.signatures, [64, 256], repeats),
                        [("n", "signatures"), ("sites", "layers"), ("tokens", "example tokens"),
