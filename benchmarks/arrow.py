@@ -46,7 +46,7 @@ from pelthub.registry import signatures
 
 RANK, ALPHA, TOP_K = 8, 16.0, 2
 TARGETS = ("q", "k", "v", "o", "up", "down")
-PEFT_TARGETS = ["query", "key", "value", "dense"]  # "dense" also hits the pooler: PEFT routes by last name (B = 0 there)
+PEFT_TARGETS = ["query", "key", "value", "dense"]  # also the pooler's dense: PEFT routes by last name (B = 0 there)
 M_MMAP_THRESHOLD = -3
 
 
@@ -150,7 +150,8 @@ def forward_rows(sizes: list[int], batch: int, seq: int, repeats: int) -> list[d
         ours = ph.compose(common.minilm_classifier(), ph.Arrow(library[:n], top_k=TOP_K))
         rows.append({"n": n, "method": f"pelthub Arrow (sparse), top-{TOP_K}", "_fn": call(ours)})
         with tempfile.TemporaryDirectory() as tmp:
-            rows.append({"n": n, "method": f"PEFT Arrow (dense), top-{TOP_K}", "_fn": call(peft_arrow(library[:n], tmp))})
+            dense = peft_arrow(library[:n], tmp)
+            rows.append({"n": n, "method": f"PEFT Arrow (dense), top-{TOP_K}", "_fn": call(dense)})
         fns = {str(i): r["_fn"] for i, r in enumerate(rows) if r["n"] in (1, n)}
         mmap_threshold(32 * 2**20)
         cpu = common.medians(fns, repeats=repeats, warmup_steps=2, clock="cpu")

@@ -273,7 +273,8 @@ def test_search_by_examples_ranks_by_routing_fractions(tmp_path, tokenizer):
     batch = tokenizer(examples, padding=True, return_tensors="pt")
     inputs, keep = {}, batch["attention_mask"].bool()
     for site in {s for lora in loras for s in lora}:
-        base.get_submodule(site).register_forward_hook(lambda _m, args, _o, site=site: inputs.__setitem__(site, args[0][keep]))
+        base.get_submodule(site).register_forward_hook(
+            lambda _m, args, _o, site=site: inputs.__setitem__(site, args[0][keep]))
     tiny.run(base, dict(batch))
     counts, pairs = torch.zeros(len(refs)), 0
     for site, h in inputs.items():
@@ -317,3 +318,15 @@ def test_export_refuses_what_peft_arrow_cannot_express(tmp_path):
     dense = ph.compose(tiny.bert(), ph.Arrow(trained_loras(specs=[(4, ("q", "o"))] * 2)))
     with pytest.raises(ConfigError, match="routes on every module named"):
         ph.routing.export_arrow_peft(dense, tmp_path / "b")
+
+
+def test_the_built_model_does_not_keep_the_source_models_alive():
+    import gc
+    import weakref
+    sources = trained_loras()
+    alive = [weakref.ref(s) for s in sources]
+    model = ph.compose(tiny.bert(), ph.Arrow(sources))
+    del sources
+    gc.collect()
+    assert all(r() is None for r in alive)
+    assert ph.routing.arrow_module(model).config.sources == ("source0", "source1", "source2")

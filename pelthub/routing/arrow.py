@@ -18,9 +18,9 @@ source's A and B at a layer are reduced by the means of the general LoRAs' A and
 general LoRA must adapt the source's layers with the source's rank.
 
 The config is data: source names (registry refs, or labels of modules given in memory, which
-it keeps by reference, never copying tensors) and, once built, `layout` (which sources adapt
-which layer, with their ranks), so a saved Arrow model rebuilds empty and loads its tensors
-stand-alone. The built module holds the frozen sources (A, s·B, padded to the layer's largest
+it keeps by reference until it is built, never copying tensors) and, once built, `layout`
+(which sources adapt which layer, with their ranks), so a saved Arrow model rebuilds empty and
+loads its tensors stand-alone; the built module's config keeps only the names. The built module holds the frozen sources (A, s·B, padded to the layer's largest
 rank) and the cached prototypes; only `log_temperature` can train (`learn_temperature=True`).
 Prototypes come from the registry's stored signatures when a registry ref has one.
 """
@@ -118,7 +118,9 @@ class Arrow(ModuleConfig):
             loras = general_knowledge_subtracted(self.sources, loras, [self._weights(g, base, sites) for g in self.gks])
         layout = tuple((site, tuple((i, lora[site][0].shape[0]) for i, lora in enumerate(loras) if site in lora))
                        for site in dict.fromkeys(s for lora in loras for s in lora))
-        module = ArrowModule(self.replace(layout=layout), {site: _site_dims(sites, site, "Arrow") for site, _ in layout})
+        built = self.replace(layout=layout)
+        object.__setattr__(built, "_given", dict.fromkeys(self._given))  # names only: the sources are copied in
+        module = ArrowModule(built, {site: _site_dims(sites, site, "Arrow") for site, _ in layout})
         stored = [None] * len(loras) if self.gks is not None else self._stored_prototypes()
         module.load_sources(loras, stored)
         return module
@@ -127,6 +129,9 @@ class Arrow(ModuleConfig):
         """A source's per-site (A, B, scale), checked against this base model."""
         from ..composition.blocks import load_single  # composition builds on routing's configs
         value = self._given.get(name, name)
+        if value is None:
+            raise ConfigError(f"Arrow source {name!r} was given in memory to the config this one was built from; "
+                              "build from that config, or pass the source again")
         try:
             by_ref = isinstance(value, str) and not Path(value).is_dir()
             module = value if isinstance(value, LoRAModule) else load_single(
@@ -220,7 +225,8 @@ class ArrowModule(PeltModule):
                                             requires_grad=config.learn_temperature)
 
     def install(self, base: nn.Module, ctx: CallContext) -> list[Handle]:
-        return [add_to_output(base.get_submodule(site_name(key)), self._delta(layer)) for key, layer in self.layers.items()]
+        return [add_to_output(base.get_submodule(site_name(key)), self._delta(layer))
+                for key, layer in self.layers.items()]
 
     def _delta(self, layer: ArrowLinear) -> Any:
         return lambda x: layer(x, self.config.top_k, self.log_temperature.exp())

@@ -1,7 +1,8 @@
 """An Arrow model in PEFT's format: its sources as PEFT LoRA folders plus the ArrowConfig fields.
 
     export_arrow_peft(model, "out/")   # out/task_0, out/task_1, ... and out/arrow_config.json
-    create_arrow_model(base, [f"out/task_{i}" for i in range(n)], ArrowConfig(**json.load(open("out/arrow_config.json"))))
+    create_arrow_model(base, [f"out/task_{i}" for i in range(n)],
+                       ArrowConfig(**json.load(open("out/arrow_config.json"))))
 
 Each source is written with its scale folded into B (lora_alpha = r), and after GenKnowSub when
 the Arrow model used `gks` (so `use_gks` is false in the export and the routing is the same).
