@@ -330,3 +330,14 @@ def test_the_built_model_does_not_keep_the_source_models_alive():
     gc.collect()
     assert all(r() is None for r in alive)
     assert ph.routing.arrow_module(model).config.sources == ("source0", "source1", "source2")
+
+
+def test_a_module_added_before_signatures_gets_one_when_asked(tmp_path):
+    import sqlite3
+    registry = ph.Registry(tmp_path / "reg")
+    ref = registry.add(trained_loras()[0], name="old")
+    before = signatures.stored(registry, ref)
+    with sqlite3.connect(registry.root / signatures.FILE) as db:
+        db.execute("DELETE FROM signatures")
+    after = signatures.stored(registry, ref)
+    assert before.keys() == after.keys() and all(torch.equal(before[s], after[s]) for s in before)

@@ -76,11 +76,18 @@ def stored(registry: "Registry", ref: str) -> Signature | None:
     """The stored signature of a registered module (computed now if it was added before signatures)."""
     card = registry.get(ref)
     sha = card.files[WEIGHTS_FILE]["sha256"]
-    with closing(_connect(registry.root)) as db:
-        rows = db.execute("SELECT site, vec FROM signatures WHERE weights = ?", (sha,)).fetchall()
-    if rows:
-        return {site: torch.from_numpy(np.frombuffer(vec, dtype=np.float32).copy()) for site, vec in rows}
-    return record(registry.root, registry.path(card.ref), sha)
+    return _read(registry.root, "WHERE weights = ?", (sha,)).get(sha) or record(registry.root,
+                                                                                registry.path(card.ref), sha)
+
+
+def _read(root: Path, where: str = "", args: tuple = ()) -> dict[str, Signature]:
+    """{weights sha256: signature} of the rows selected."""
+    with closing(_connect(root)) as db:
+        rows = db.execute(f"SELECT weights, site, vec FROM signatures {where}", args).fetchall()
+    out: dict[str, Signature] = {}
+    for sha, site, vec in rows:
+        out.setdefault(sha, {})[site] = torch.from_numpy(np.frombuffer(vec, dtype=np.float32).copy())
+    return out
 
 
 def table(signatures: Sequence[Signature]) -> Table:
@@ -147,9 +154,9 @@ def search(registry: "Registry", examples: Sequence[str], tokenizer: Any, base_m
         base_model = base_model.base
     cards = [c for c in registry.search(kind="lora", base_model=base_model, compatible_only=True)
              if c.kinds == ["lora"]]
-    signatures, refs, excluded = [], [], []
+    signatures, refs, excluded, known = [], [], [], _read(registry.root)
     for card in cards:
-        sig = stored(registry, card.ref)
+        sig = known.get(card.files[WEIGHTS_FILE]["sha256"]) or stored(registry, card.ref)
         if sig:
             signatures.append(sig)
             refs.append(card.ref)
