@@ -130,9 +130,11 @@ def hidden_states(base: nn.Module, tokenizer: Any, examples: Sequence[str], site
     handles = [names[s].register_forward_hook(
         lambda _m, args, _out, s=s: found.__setitem__(s, args[0].reshape(-1, args[0].shape[-1])[keep].float().cpu()))
         for s in sites if s in names]
+    training = base.training
     try:
         base.eval()(**inputs)
     finally:
+        base.train(training)
         for h in handles:
             h.remove()
     return found
