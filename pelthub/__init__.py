@@ -9,7 +9,7 @@ from .errors import PeltError
 from .model import ModularModel, attach, from_pretrained
 from .modules import IA3, Bottleneck, Compacter, LNTuning, LoRA, Prefix, Prompt
 from .registry import Registry
-from .routing import Poly
+from .routing import Arrow, Poly
 from .routing.attention import AttentionMix
 from .routing.gates import UniPELT
 from .transfer import rank_sources
@@ -26,4 +26,4 @@ def doctor(quick: bool = False) -> int:
 __all__ = ["AttentionMix", "IA3", "Bottleneck", "Compacter", "LNTuning", "LoRA", "ModularModel", "PeltError",
            "Poly", "Prefix", "Prompt", "Registry", "attach", "compose", "from_pretrained", "__version__"]
 __all__ += ["Average", "Stack", "UniPELT", "WeightedSum", "merge", "search_weights"]
-__all__ += ["doctor", "rank_sources"]
+__all__ += ["Arrow", "doctor", "rank_sources"]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import quote
 
-import httpx2
+from .transport import http
 from huggingface_hub import get_session
 from huggingface_hub.utils import build_hf_headers
 
@@ -134,13 +134,13 @@ def _stream(url: str, dest: Path, limit: int | None, what: str, endpoint: str, t
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-    except httpx2.TimeoutException:
+    except http.TimeoutException:
         raise too_slow(endpoint, what, timeout) from None
-    except (httpx2.ConnectError, httpx2.RemoteProtocolError) as e:
+    except (http.ConnectError, http.RemoteProtocolError) as e:
         raise _Retry(HubConnectionError(f"cannot {what}: the Hub at {public(endpoint)} is unreachable "
                                         f"({type(e).__name__}: {scrub(str(e), token)[:160]}); check the network "
                                         "and the endpoint (endpoint=, HF_ENDPOINT)")) from None
-    except httpx2.TransportError as e:
+    except http.TransportError as e:
         raise HubConnectionError(f"cannot {what}: the connection to {public(endpoint)} failed "
                                  f"({type(e).__name__}: {scrub(str(e), token)[:160]}); try again") from None
 

@@ -28,6 +28,7 @@ from ..errors import ConfigError, ModuleFormatError, NotFoundError, RegistryErro
 from ..model import ModularModel, from_pretrained
 from ..model.io import (CONFIG_FILE, WEIGHTS_FILE, base_model_info, check_compatible, check_finite, read_description,
                         read_header)
+from . import signatures
 from .blobs import BlobStore, file_sha256
 from .card import FIELDS, SHA_RE, Card, check_name, parse_ref
 from .index import Index
@@ -128,6 +129,7 @@ class Registry:
             counted = _count_parameters(directory / WEIGHTS_FILE)
             ours = directory == Path(tmp)  # written and fsynced by save_pretrained: link, don't copy
             files = {f: self.blobs.put(directory / f, link=ours) for f in MODULE_FILES}
+            signatures.record(self.root, directory, files[WEIGHTS_FILE][0])  # Arrow prototypes of a LoRA
             draft = Card(
                 name=name, version=1, kinds=sorted({c["kind"] for cs in info["modules"].values() for c in cs}),
                 modules=info["modules"], heads=info.get("heads") or {}, base_model=info["base_model"], task=task,
@@ -229,7 +231,8 @@ class Registry:
 
     def search(self, kind: str | None = None, base_model: nn.Module | str | None = None, task: str | None = None,
                tags: Iterable[str] | str | None = None, text: str | None = None, compatible_only: bool = False,
-               limit: int | None = None) -> list[Card]:
+               limit: int | None = None, examples: Iterable[str] | None = None, tokenizer: Any = None,
+               top: int | None = None) -> list[Card] | Any:
         """Cards matching every filter given, compatible first.
 
         `base_model` is a model (its fingerprint and name are used), a
@@ -238,7 +241,11 @@ class Registry:
         but another architecture (left out with `compatible_only=True`).
         `tags` must all be present; `text` is a case-insensitive substring of
         the name, description, task, tags, kinds, base name or metric names.
+        With `examples` (texts; with `tokenizer` and the base model itself) it instead ranks the LoRAs trained
+        on that base by Arrow routing, without training, and returns a `Ranking` (see `signatures.search`).
         """
+        if examples is not None:
+            return signatures.search(self, list(examples), tokenizer, base_model, top)
         sha, base_name = _base_keys(base_model)
         tags = [tags] if isinstance(tags, str) else list(tags or ())
         rows = self.index.search(kind, sha, base_name, task, tags, text, compatible_only, limit)

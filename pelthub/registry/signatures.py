@@ -1,0 +1,172 @@
+"""Routing signatures of registered LoRAs, and search by example texts.
+
+A LoRA's signature is, per adapted layer, the top right singular vector of its ΔW: the
+prototype Arrow routes by (`pelthub.routing.arrow`). `record` computes it when a module
+holding one LoRA is added, keyed by the sha256 of its weights file (so re-registering the same
+weights under another name reuses it), in `signatures.sqlite` beside the registry's index;
+`stored` gives it back, so Arrow over registry refs builds without SVDs.
+
+`search` ranks the LoRAs trained on a base model for a handful of example texts, with no
+training, by how often Arrow would route to them:
+
+    score_e = #{(token, layer): e among the top_k of |h·p| at that layer} / #{(token, layer)}
+
+where h runs over the examples' real (unpadded) tokens at the input of every layer some
+candidate adapts, and at a layer only the candidates adapting it compete. `route_fractions`
+is that count on one stacked prototype matrix per layer: the part that grows with the registry.
+"""
+from __future__ import annotations
+
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..errors import ConfigError
+from ..model.io import WEIGHTS_FILE, read_description
+from ..modules.base import site_name
+
+if TYPE_CHECKING:
+    from ..transfer.rank import Ranking
+    from .registry import Registry
+
+FILE = "signatures.sqlite"
+METRIC = "arrow_routing"
+Signature = dict[str, torch.Tensor]            # site → prototype (in,)
+Table = dict[str, tuple[torch.Tensor, torch.Tensor]]  # site → (candidate indices (n,), prototypes (n, in))
+
+
+def _connect(root: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(root / FILE, timeout=30)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE IF NOT EXISTS signatures (weights TEXT, site TEXT, vec BLOB, PRIMARY KEY (weights, site))")
+    return db
+
+
+def compute(directory: str | Path) -> Signature | None:
+    """The signature of a saved module holding exactly one LoRA (None for any other module)."""
+    from ..routing.arrow import top_right_singular  # the math is Arrow's; the registry only stores it
+    info = read_description(directory)
+    sets = [(name, configs) for name, configs in info["modules"].items()]
+    if len(sets) != 1 or [c.get("kind") for c in sets[0][1]] != ["lora"]:
+        return None
+    prefix = f"adapters.{sets[0][0]}.lora.layers."
+    with safe_open(str(Path(directory) / WEIGHTS_FILE), framework="pt") as f:
+        keys = [k[len(prefix):-len(".lora_a")] for k in f.keys() if k.startswith(prefix) and k.endswith(".lora_a")]
+        return {site_name(k): top_right_singular(f.get_tensor(f"{prefix}{k}.lora_a").float(),
+                                                 f.get_tensor(f"{prefix}{k}.lora_b").float()) for k in keys}
+
+
+def record(root: Path, directory: str | Path, weights_sha: str) -> Signature | None:
+    """Compute and store the signature of a module being added (nothing for non-LoRA modules)."""
+    signature = compute(directory)
+    if signature:
+        with closing(_connect(root)) as db, db:
+            db.executemany("INSERT OR REPLACE INTO signatures VALUES (?, ?, ?)",
+                           [(weights_sha, site, v.float().numpy().tobytes()) for site, v in signature.items()])
+    return signature
+
+
+def stored(registry: "Registry", ref: str) -> Signature | None:
+    """The stored signature of a registered module (computed now if it was added before signatures)."""
+    card = registry.get(ref)
+    sha = card.files[WEIGHTS_FILE]["sha256"]
+    return _read(registry.root, "WHERE weights = ?", (sha,)).get(sha) or record(registry.root,
+                                                                                registry.path(card.ref), sha)
+
+
+def _read(root: Path, where: str = "", args: tuple = ()) -> dict[str, Signature]:
+    """{weights sha256: signature} of the rows selected."""
+    with closing(_connect(root)) as db:
+        rows = db.execute(f"SELECT weights, site, vec FROM signatures {where}", args).fetchall()
+    out: dict[str, Signature] = {}
+    for sha, site, vec in rows:
+        out.setdefault(sha, {})[site] = torch.from_numpy(np.frombuffer(vec, dtype=np.float32).copy())
+    return out
+
+
+def table(signatures: Sequence[Signature]) -> Table:
+    """Stack signatures into one prototype matrix per site, with the candidates that adapt it."""
+    members: dict[str, list[int]] = {}
+    for i, sig in enumerate(signatures):
+        for site in sig:
+            members.setdefault(site, []).append(i)
+    return {site: (torch.tensor(ids), torch.stack([signatures[i][site] for i in ids])) for site, ids in members.items()}
+
+
+def route_fractions(hidden: dict[str, torch.Tensor], prototypes: Table, n: int, top_k: int = 1) -> torch.Tensor:
+    """score_e (n,) of the module docstring for hidden states {site: (tokens, in)}."""
+    counts, pairs = torch.zeros(n, dtype=torch.float64), 0
+    for site, h in hidden.items():
+        if site not in prototypes or not h.shape[0]:
+            continue
+        ids, p = prototypes[site]
+        chosen = (h.to(p.dtype) @ p.T).abs().topk(min(top_k, len(ids)), dim=1).indices
+        counts.index_add_(0, ids[chosen.reshape(-1)], torch.ones(chosen.numel(), dtype=torch.float64))
+        pairs += h.shape[0]
+    return counts / max(pairs, 1)
+
+
+@torch.no_grad()
+def hidden_states(base: nn.Module, tokenizer: Any, examples: Sequence[str], sites: Sequence[str],
+                  max_length: int = 128) -> dict[str, torch.Tensor]:
+    """Inputs (real tokens only, (tokens, in)) of `sites` when `base` reads the examples.
+
+    An encoder-decoder model also reads each example as its decoder input.
+    """
+    batch = tokenizer(list(examples), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    device = next(base.parameters()).device
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    if getattr(base.config, "is_encoder_decoder", False):
+        inputs.update(decoder_input_ids=inputs["input_ids"], decoder_attention_mask=inputs["attention_mask"])
+    keep = inputs["attention_mask"].bool().reshape(-1)
+    found: dict[str, torch.Tensor] = {}
+    names = dict(base.named_modules())
+    handles = [names[s].register_forward_hook(
+        lambda _m, args, _out, s=s: found.__setitem__(s, args[0].reshape(-1, args[0].shape[-1])[keep].float().cpu()))
+        for s in sites if s in names]
+    training = base.training
+    try:
+        base.eval()(**inputs)
+    finally:
+        base.train(training)
+        for h in handles:
+            h.remove()
+    return found
+
+
+def search(registry: "Registry", examples: Sequence[str], tokenizer: Any, base_model: nn.Module,
+           top: int | None = None, top_k: int = 1, max_length: int = 128) -> "Ranking":
+    """Registered LoRAs trained on `base_model`, ranked for `examples` by Arrow routing (module docstring).
+
+    base_model: the plain base model (no modules attached). top: keep the best `top` rows.
+    top_k: the sources a token routes to. Non-LoRA modules are not candidates.
+    """
+    from ..model.modular import ModularModel
+    from ..transfer.rank import Ranking
+    if tokenizer is None or not isinstance(base_model, nn.Module) or isinstance(examples, str) or not examples:
+        raise ConfigError("search(examples=...) ranks LoRAs for a list of example texts and needs tokenizer= and "
+                          "base_model= (the base model itself, without modules attached)")
+    if isinstance(base_model, ModularModel):
+        base_model = base_model.base
+    cards = [c for c in registry.search(kind="lora", base_model=base_model, compatible_only=True)
+             if c.kinds == ["lora"]]
+    signatures, refs, excluded, known = [], [], [], _read(registry.root)
+    for card in cards:
+        sig = known.get(card.files[WEIGHTS_FILE]["sha256"]) or stored(registry, card.ref)
+        if sig:
+            signatures.append(sig)
+            refs.append(card.ref)
+        else:
+            excluded.append((card.ref, "holds more than one module; Arrow routes over single LoRAs"))
+    prototypes = table(signatures)
+    hidden = hidden_states(base_model, tokenizer, examples, list(prototypes), max_length)
+    scores = route_fractions(hidden, prototypes, len(refs), top_k).tolist()
+    rows = sorted(zip(refs, scores), key=lambda r: (-r[1], r[0]))[:top]
+    return Ranking(METRIC, rows, excluded, {ref: ref for ref, _ in rows})
+

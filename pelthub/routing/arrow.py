@@ -1,0 +1,325 @@
+"""Arrow (Ostapenko et al. 2024): zero-shot routing of every token over a library of trained LoRAs.
+
+At each adapted linear layer, for the sources e that adapt it (ΔW_e = s_e·B_e·A_e, s_e = α_e/r_e):
+
+    p_e      = top right singular vector of ΔW_e       (∈ R^in, unit; computed once, at build)
+    score_e  = |h · p_e|                               (per token h; |·| because p_e's sign is arbitrary)
+    K(h)     = the top_k sources by score               (top_k capped at the sources of that layer)
+    w_e      = softmax_{e∈K(h)}(score_e / temperature)
+    y        = W₀h + Σ_{e∈K(h)} w_e · s_e · B_e A_e h
+
+Sparse: tokens are grouped by chosen source, so each source computes only the tokens routed to
+it and a forward costs about top_k LoRAs plus the scores (h against E prototypes), whatever the
+library size. PEFT's `create_arrow_model` computes every source for every token instead.
+
+`gks=[general LoRAs]` is GenKnowSub (as PEFT's `use_gks`): before the prototypes are taken, each
+source's A and B at a layer are reduced by the means of the general LoRAs' A and B there
+(A_e ← A_e − mean_g A_g, B_e ← B_e − mean_g B_g; the source's own scale s_e stays), so every
+general LoRA must adapt the source's layers with the source's rank.
+
+The config is data: source names (registry refs, or labels of modules given in memory, which
+it keeps by reference until it is built, never copying tensors) and, once built, `layout`
+(which sources adapt which layer, with their ranks), so a saved Arrow model rebuilds empty and
+loads its tensors stand-alone; the built module's config keeps only the names. The built module holds the frozen sources (A, s·B, padded to the layer's largest
+rank) and the cached prototypes; only `log_temperature` can train (`learn_temperature=True`).
+Prototypes come from the registry's stored signatures when a registry ref has one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import InitVar, dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, IncompatibleModuleError, RegistryError
+from ..model.modular import ModularModel
+from ..model.sites import Sites, linear_dims
+from ..modules.base import CallContext, Handle, PeltModule, add_to_output, site_key, site_name
+from ..modules.config import ModuleConfig, one_of, positive_int, positive_number
+from ..modules.lora import LoRAModule
+
+Weights = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # site → (A (r, in), B (out, r), scale)
+Layout = tuple[tuple[str, tuple[tuple[int, int], ...]], ...]   # (site, ((source index, rank), ...)), ...
+
+
+@dataclass(frozen=True)
+class Arrow(ModuleConfig):
+    """Config of an Arrow router over trained LoRAs.
+
+    sources: LoRA modules, ModularModels holding one LoRA, saved directories or registry refs (a
+    list, or a {name: source} mapping); in memory they are named "source0", ... unless mapped.
+    top_k: sources mixed per token. temperature: of the softmax over the chosen scores.
+    gks: general LoRAs for GenKnowSub, given like `sources` (None: no subtraction).
+    learn_temperature: make the temperature a trainable parameter. layout: filled at build.
+    registry: resolves refs (default: the local `pelthub.Registry()`); not saved.
+    """
+
+    kind: ClassVar[str] = "arrow"
+    sources: Any = ()
+    top_k: int = 3
+    temperature: float = 1.0
+    gks: Any = None
+    learn_temperature: bool = False
+    layout: Any = None
+    registry: InitVar[Any] = None
+
+    def __post_init__(self, registry: Any) -> None:
+        names, given = _split("sources", "source", self.sources)
+        general, given_gks = _split("gks", "general", self.gks) if self.gks is not None else (None, {})
+        object.__setattr__(self, "sources", names)
+        object.__setattr__(self, "gks", general)
+        object.__setattr__(self, "layout", _layout(self.layout))
+        object.__setattr__(self, "_given", {**given, **given_gks})
+        object.__setattr__(self, "_registry", registry)
+        super().__post_init__()
+
+    def validate(self) -> None:
+        for field, names in (("sources", self.sources), ("gks", self.gks or ())):
+            if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+                raise ConfigError(f"Arrow.{field} must have distinct non-empty names, got {list(names)}")
+        if not self.sources:
+            raise ConfigError("Arrow.sources must name at least one trained LoRA (module, model or registry ref)")
+        if self.gks is not None and not self.gks:
+            raise ConfigError("Arrow.gks must list at least one general LoRA, or be None for no GenKnowSub")
+        if set(self.sources) & set(self.gks or ()):
+            raise ConfigError(f"Arrow: {sorted(set(self.sources) & set(self.gks or ()))} are both sources and gks")
+        positive_int("Arrow", "top_k", self.top_k)
+        positive_number("Arrow", "temperature", self.temperature)
+        one_of("Arrow", "learn_temperature", self.learn_temperature, (True, False))
+
+    def replace(self, **changes: Any) -> "Arrow":
+        """A changed copy that keeps the in-memory sources and the registry."""
+        changes.setdefault("registry", self._registry)
+        new = dataclasses.replace(self, **changes)
+        object.__setattr__(new, "_given", {**self._given, **new._given})
+        return new
+
+    def resolver(self) -> Any:
+        """The registry that resolves refs: `registry=`, else the local one."""
+        if self._registry is not None:
+            return self._registry
+        from ..registry import Registry
+        return Registry()
+
+    def build(self, base: nn.Module, sites: Sites, init: bool = True, **_: object) -> "ArrowModule":
+        if not init:
+            if self.layout is None:
+                raise ConfigError("an Arrow config without `layout` cannot be rebuilt empty; it is filled when "
+                                  "the Arrow model is first built from its sources")
+            dims = {site: _site_dims(sites, site, "saved Arrow model") for site, _ in self.layout}
+            return ArrowModule(self, dims)
+        loras = [self._weights(name, base, sites) for name in self.sources]
+        if self.gks is not None:
+            loras = general_knowledge_subtracted(self.sources, loras, [self._weights(g, base, sites) for g in self.gks])
+        layout = tuple((site, tuple((i, lora[site][0].shape[0]) for i, lora in enumerate(loras) if site in lora))
+                       for site in dict.fromkeys(s for lora in loras for s in lora))
+        built = self.replace(layout=layout)
+        object.__setattr__(built, "_given", dict.fromkeys(self._given))  # names only: the sources are copied in
+        module = ArrowModule(built, {site: _site_dims(sites, site, "Arrow") for site, _ in layout})
+        stored = [None] * len(loras) if self.gks is not None else self._stored_prototypes()
+        module.load_sources(loras, stored)
+        return module
+
+    def _weights(self, name: str, base: nn.Module, sites: Sites) -> Weights:
+        """A source's per-site (A, B, scale), checked against this base model."""
+        from ..composition.blocks import load_single  # composition builds on routing's configs
+        value = self._given.get(name, name)
+        if value is None:
+            raise ConfigError(f"Arrow source {name!r} was given in memory to the config this one was built from; "
+                              "build from that config, or pass the source again")
+        try:
+            by_ref = isinstance(value, str) and not Path(value).is_dir()
+            module = value if isinstance(value, LoRAModule) else load_single(
+                value, base, self.resolver() if by_ref else None)
+        except IncompatibleModuleError as e:
+            raise IncompatibleModuleError(f"Arrow source {name!r} does not fit this base model: {e}") from None
+        if not isinstance(module, LoRAModule):
+            raise ConfigError(f"Arrow source {name!r} is a {module.config.kind} module; Arrow routes over LoRAs")
+        out: Weights = {}
+        for key, layer in module.layers.items():
+            site = site_name(key)
+            want = _site_dims(sites, site, f"Arrow source {name!r}")
+            if (layer.lora_a.shape[1], layer.lora_b.shape[0]) != want:
+                raise IncompatibleModuleError(
+                    f"Arrow source {name!r} adapts {site} as ({layer.lora_a.shape[1]} → {layer.lora_b.shape[0]}) but "
+                    f"this base model's {site} is ({want[0]} → {want[1]}); use LoRAs trained on this base model")
+            out[site] = (layer.lora_a.detach().float().cpu().clone(), layer.lora_b.detach().float().cpu().clone(),
+                         float(layer.scale))
+        return out
+
+    def _stored_prototypes(self) -> list[dict[str, torch.Tensor] | None]:
+        """Registry signatures of the sources that are registry refs (None where there is none)."""
+        refs = [n for n in self.sources if n not in self._given and not Path(n).is_dir()]
+        if not refs:
+            return [None] * len(self.sources)
+        from ..registry import signatures
+        registry = self.resolver()
+        return [signatures.stored(registry, n) if n in refs else None for n in self.sources]
+
+    def parents(self, registry: Any = None) -> list[dict[str, Any]]:
+        """{"ref", "sha256"} of the sources and general LoRAs given as registry refs."""
+        names = [n for n in (*self.sources, *(self.gks or ())) if n not in self._given and not Path(n).is_dir()]
+        if not names:
+            return []
+        registry = self.resolver() if registry is None else registry
+        out = []
+        for name in names:
+            try:
+                card = registry.get(name)
+            except RegistryError:
+                continue
+            out.append({"ref": card.ref, "sha256": card.digest})
+        return out
+
+
+class ArrowLinear(nn.Module):
+    """The sources of one linear layer: A (E, r, in), s·B (E, out, r) zero-padded to the largest rank r,
+    the true ranks, and the prototypes (E, in); all frozen."""
+
+    def __init__(self, in_features: int, out_features: int, ranks: tuple[int, ...]):
+        super().__init__()
+        e, r = len(ranks), max(ranks)
+        self.ranks = ranks
+        self.lora_a = nn.Parameter(torch.zeros(e, r, in_features), requires_grad=False)
+        self.lora_b = nn.Parameter(torch.zeros(e, out_features, r), requires_grad=False)
+        self.prototypes = nn.Parameter(torch.zeros(e, in_features), requires_grad=False)
+
+    def route(self, h: torch.Tensor, top_k: int, temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chosen sources (t, k) and their weights (t, k) for tokens h (t, in)."""
+        scores = (h @ self.prototypes.T).abs()
+        top, chosen = scores.topk(min(top_k, len(self.ranks)), dim=1)
+        return chosen, torch.softmax(top / temperature, dim=1)
+
+    def forward(self, x: torch.Tensor, top_k: int, temperature: torch.Tensor) -> torch.Tensor:
+        lead, h = x.shape[:-1], x.reshape(-1, x.shape[-1]).to(self.lora_a.dtype)
+        if h.shape[0] == 0:
+            return h.new_zeros(*lead, self.lora_b.shape[1])
+        chosen, weights = self.route(h, top_k, temperature)
+        order = chosen.reshape(-1).argsort()                 # (token, slot) pairs grouped by source
+        tokens, w = order // chosen.shape[1], weights.reshape(-1)[order, None]
+        counts = torch.bincount(chosen.reshape(-1), minlength=len(self.ranks)).tolist()
+        out, start = h.new_zeros(h.shape[0], self.lora_b.shape[1]), 0
+        for e, (n, r) in enumerate(zip(counts, self.ranks)):  # only the sources some token chose
+            if n:
+                rows = tokens[start:start + n]
+                z = h.index_select(0, rows) @ self.lora_a[e, :r].T * w[start:start + n]
+                out.index_add_(0, rows, z @ self.lora_b[e, :, :r].T)
+            start += n
+        return out.reshape(*lead, -1)
+
+
+class ArrowModule(PeltModule):
+    """Built Arrow router: one `ArrowLinear` per adapted layer and the (log) temperature."""
+
+    def __init__(self, config: Arrow, dims: dict[str, tuple[int, int]]):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleDict({site_key(site): ArrowLinear(*dims[site], tuple(r for _, r in entries))
+                                     for site, entries in config.layout})
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(config.temperature)),
+                                            requires_grad=config.learn_temperature)
+
+    def install(self, base: nn.Module, ctx: CallContext) -> list[Handle]:
+        return [add_to_output(base.get_submodule(site_name(key)), self._delta(layer))
+                for key, layer in self.layers.items()]
+
+    def _delta(self, layer: ArrowLinear) -> Any:
+        return lambda x: layer(x, self.config.top_k, self.log_temperature.exp())
+
+    @torch.no_grad()
+    def load_sources(self, loras: list[Weights], stored: list[dict[str, torch.Tensor] | None]) -> None:
+        """Copy the sources' A and s·B in and take each prototype (stored, or by SVD)."""
+        for site, entries in self.config.layout:
+            layer = self.layers[site_key(site)]
+            for j, (i, r) in enumerate(entries):
+                a, b, scale = loras[i][site]
+                layer.lora_a[j, :r] = a
+                layer.lora_b[j, :, :r] = b * scale
+                saved = (stored[i] or {}).get(site)
+                layer.prototypes[j] = saved if saved is not None else top_right_singular(a, b)
+
+    def parents(self, registry: Any = None) -> list[dict[str, Any]]:
+        """The registry modules routed over, for `compose`'s `model.parents` (see `Arrow.parents`)."""
+        return self.config.parents(registry)
+
+    def routing(self, site: str, h: torch.Tensor) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """(source names, chosen (t, k) indices into them, weights (t, k)) at `site` for tokens h (t, in)."""
+        entries = dict(self.config.layout)[site]
+        chosen, weights = self.layers[site_key(site)].route(h, self.config.top_k, self.log_temperature.exp())
+        return [self.config.sources[i] for i, _ in entries], chosen, weights
+
+
+def top_right_singular(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The top right singular vector (in,) of ΔW = B·A, exactly, without forming ΔW.
+
+    With Aᵀ = Q_a R_a and B = Q_b R_b (thin QR), ΔW = Q_b (R_b R_aᵀ) Q_aᵀ, so the SVD of the
+    r×r core R_b R_aᵀ = U S Vᵀ gives ΔW's right singular vectors as Q_a V. Computed in float64.
+    """
+    qa, ra = torch.linalg.qr(a.double().T)
+    qb, rb = torch.linalg.qr(b.double())
+    _, _, vh = torch.linalg.svd(rb @ ra.T)
+    return (qa @ vh[0]).to(a.dtype)
+
+
+def general_knowledge_subtracted(names: tuple[str, ...], loras: list[Weights], general: list[Weights]) -> list[Weights]:
+    """GenKnowSub as PEFT's use_gks: A ← A − mean_g A_g, B ← B − mean_g B_g at every site of a source."""
+    out = []
+    for name, lora in zip(names, loras):
+        fixed: Weights = {}
+        for site, (a, b, scale) in lora.items():
+            at = [g.get(site) for g in general]
+            if any(g is None or g[0].shape != a.shape or g[1].shape != b.shape for g in at):
+                ranks = [None if g is None else g[0].shape[0] for g in at]
+                raise ConfigError(f"Arrow gks: every general LoRA must adapt {site} with the rank of source {name!r} "
+                                  f"({a.shape[0]}); their ranks there are {ranks} (None: not adapted)")
+            fixed[site] = (a - torch.stack([g[0] for g in at]).mean(0), b - torch.stack([g[1] for g in at]).mean(0),
+                           scale)
+        out.append(fixed)
+    return out
+
+
+def arrow_module(model: nn.Module) -> ArrowModule:
+    """The one ArrowModule of a ModularModel (or the module itself)."""
+    if isinstance(model, ArrowModule):
+        return model
+    found = [m for m in model.modules() if isinstance(m, ArrowModule)]
+    if len(found) != 1:
+        raise ConfigError(f"expected one Arrow module in the model, found {len(found)}; pass the module itself")
+    return found[0]
+
+
+def _split(field: str, prefix: str, sources: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """Names of `sources` (a list, or a {name: source} mapping) and the in-memory ones, by reference."""
+    if isinstance(sources, (str, os.PathLike, nn.Module)):
+        raise ConfigError(f"Arrow.{field} must be a list (or {{name: source}} mapping) of LoRAs, "
+                          f"got one {type(sources).__name__}")
+    items = list(sources.items()) if isinstance(sources, Mapping) else [
+        (os.fspath(s) if isinstance(s, (str, os.PathLike)) else f"{prefix}{i}", s) for i, s in enumerate(sources)]
+    bad = [type(s).__name__ for _, s in items if not isinstance(s, (str, os.PathLike, LoRAModule, ModularModel))]
+    if bad:
+        raise ConfigError(f"Arrow.{field} takes LoRA modules, ModularModels holding one LoRA, saved directories or "
+                          f"registry refs; got {bad}")
+    return tuple(n for n, _ in items), {n: s for n, s in items if not isinstance(s, str) or s != n}
+
+
+def _layout(value: Any) -> Layout | None:
+    """The layout as nested tuples (JSON gives lists)."""
+    if value is None:
+        return None
+    try:
+        return tuple((str(site), tuple((int(i), int(r)) for i, r in entries)) for site, entries in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"Arrow.layout must be [[site, [[source index, rank], ...]], ...], got {value!r}") from None
+
+
+def _site_dims(sites: Sites, site: str, what: str) -> tuple[int, int]:
+    module = sites.names.get(site)
+    if module is None:
+        raise IncompatibleModuleError(f"{what} adapts {site}, which this {type(sites.model).__name__} does not have; "
+                                      "use LoRAs trained on this base model")
+    return linear_dims(module)
