@@ -9,6 +9,7 @@ base computes exactly what it computed before.
 from __future__ import annotations
 
 import copy
+import warnings
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -372,12 +373,16 @@ class ModularModel(nn.Module):
         save_modules(self, directory, **meta)
 
 
+class StackedHooksWarning(UserWarning):
+    """A base wrapped while another ModularModel still hooks it: both models' modules run."""
+
+
 def refuse_wrapped(base: nn.Module) -> None:
     """attach/compose on a base another ModularModel still hooks would stack both models' modules silently."""
     if base in _WRAPPED:
-        raise ConfigError(f"this {type(base).__name__} already carries pelthub modules from another ModularModel, "
+        warnings.warn(f"this {type(base).__name__} already carries pelthub modules from another ModularModel, "
                           "whose hooks would run too. Add to that model instead (ph.attach(model, ...) or "
-                          "ph.compose(model, ...)), call .detach() on it first, or load a fresh base")
+                          "ph.compose(model, ...)), call .detach() on it first, or load a fresh base", StackedHooksWarning, stacklevel=3)
 
 
 def _provides(module: nn.Module, method: str) -> bool:
