@@ -98,7 +98,8 @@ class ModularModel(nn.Module):
         previous_tasks = self.task_names
         if tasks:
             self.task_names = list(tasks[0])
-        self.adapters[name] = built.to(self.device)
+        # on the base's device; a weightless (meta) base keeps real module tensors on the CPU
+        self.adapters[name] = built if self.device.type == "meta" else built.to(self.device)
         self._handles[name] = self._install(name)
         if head:
             try:
