@@ -75,7 +75,7 @@ def test_eval_output_is_the_explicit_per_example_mixture(heads, granularity):
 
 
 def test_one_skill_one_head_is_lora_with_scale_one_over_r_in_training_too():
-    model = ph.compose(tiny.bert(), ph.Poly(tasks=["a", "b"], skills=1, rank=4, targets=["k"])).eval()
+    model = ph.compose(tiny.bert(), ph.Poly(tasks=["a", "b"], skills=1, rank=4, targets=["k"], alpha=1.0)).eval()
     module = poly_module(model)
     fill(module, scale=0.5)
     state = module.state_dict()
@@ -122,7 +122,7 @@ def test_mu_variant_is_the_uniform_mixture_and_hard_variant_the_task_skill():
     batch = tiny.batch("bert")
     for variant in ("mu", "hard"):
         model = ph.compose(tiny.bert(), ph.Poly(tasks=["a", "b", "c"], skills=3, rank=2, heads=2,
-                                                variant=variant)).eval()
+                                                variant=variant, alpha=1.0)).eval()
         module = poly_module(model)
         assert not any(k.startswith("router.") for k in module.state_dict())
         fill(module, scale=0.5)
@@ -144,7 +144,7 @@ def test_z_variant_trains_routing_only():
 def test_targets_rank_and_dropout_arguments():
     batch = tiny.batch("bert")
     sites = [f"bert.encoder.layer.{i}.output.dense" for i in range(2)]
-    model = ph.compose(tiny.bert(), ph.Poly(tasks=["a"], skills=2, rank=3, targets=["down"])).eval()
+    model = ph.compose(tiny.bert(), ph.Poly(tasks=["a"], skills=2, rank=3, targets=["down"], alpha=1.0)).eval()
     module = poly_module(model)
     fill(module, scale=0.5)
     state = module.state_dict()
@@ -154,7 +154,7 @@ def test_targets_rank_and_dropout_arguments():
     expected = per_example_reference(model, sites, weights_of, 1.0 / 3, batch)
     torch.testing.assert_close(logits(model, **batch), expected, atol=1e-5, rtol=1e-5)
     for p, differs in ((0.0, False), (0.5, True)):   # variant "mu" samples no routing: dropout is the only noise
-        model = ph.compose(tiny.bert(), ph.Poly(tasks=["a"], skills=2, rank=3, variant="mu", dropout=p)).eval()
+        model = ph.compose(tiny.bert(), ph.Poly(tasks=["a"], skills=2, rank=3, variant="mu", dropout=p, alpha=1.0)).eval()
         fill(poly_module(model), scale=0.5)
         evaluated = logits(model, **batch)
         poly_module(model).train()

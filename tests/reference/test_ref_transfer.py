@@ -37,8 +37,8 @@ def test_prompt_metrics_equal_their_formulas():
     raw = sum(cos(p[i], q[j]) for i in range(4) for j in range(3)) / 12
     assert cosine_tokens(p, q, normalize=False) == pytest.approx(raw, abs=1e-6)
     unit = lambda x: (x / x.norm(dim=1, keepdim=True)).mean(0)                  # noqa: E731
-    assert cosine_tokens(p, q) == pytest.approx(cos(unit(p), unit(q)), abs=1e-6)
-    assert cosine_tokens(p, p) == pytest.approx(1.0, abs=1e-6) and cosine_tokens(p, p, normalize=False) < 0.9
+    assert cosine_tokens(p, q, normalize=True) == pytest.approx(cos(unit(p), unit(q)), abs=1e-6)
+    assert cosine_tokens(p, p, normalize=True) == pytest.approx(1.0, abs=1e-6) and cosine_tokens(p, p, normalize=False) < 0.9
     r = p + torch.randn(4, 6, generator=g)
     assert euclidean(p, r) == pytest.approx(1 / (1 + float((p - r).double().pow(2).sum().sqrt())), abs=1e-6)
     assert euclidean(torch.zeros(1, 2), torch.tensor([[3.0, 4.0]])) == pytest.approx(1 / 6)
