@@ -142,8 +142,6 @@ def test_pull_refuses_a_card_the_hub_serves_changed(local_hub, tmp_path):  # noq
     assert len(bob) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a served file whose size differs from the Hub's record escapes as "
-                   "huggingface_hub's raw OSError ('Consistency check failed'), not a pelthub HubIntegrityError")
 def test_pull_refuses_a_file_the_hub_serves_with_another_size(local_hub, tmp_path):  # noqa: F811
     alice, bob = ph.Registry(tmp_path / "alice"), ph.Registry(tmp_path / "bob")
     ref = alice.add(module(), name="lora")
