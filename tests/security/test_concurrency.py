@@ -118,7 +118,7 @@ def test_kill_9_during_pull_leaves_nothing_half_added(local_hub, regs, lora_ref,
     publish(local_hub, alice, lora_ref, "eve/lora")
     local_hub.fail("GET", r"/resolve/.*/modules\.safetensors$", delay=30)
     proc = subprocess.Popen([sys.executable, "-c", PULL, str(bob.root), local_hub.endpoint],
-                            cwd=Path(__file__).parents[2], env={**os.environ, "PELTHUB_HUB_TIMEOUT": "60"})
+                            cwd=Path(__file__).parents[2], env={**os.environ, "PELTHUB_HUB_TIMEOUT": "60", "HF_HUB_OFFLINE": "0"})
     try:
         deadline = time.monotonic() + 120
         while not any(p.endswith("modules.safetensors") for _, p in local_hub.requests):
