@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, float, int, float]]:
     tasks = [t.name for t in binary] + [target.name]
     data = {t.name: t.train[:128] for t in binary} | {target.name: target.train}
     poly = demo.method(f"Poly LoRA, {len(tasks)} tasks", lambda: ph.compose(demo.base(target.num_labels), ph.Poly(
-        tasks=tasks, skills=4, rank=4), head=True), data, {target.name: target.test}, lr=3e-3)  # alpha/r = 4: 1e-2 diverges (0.500)
+        tasks=tasks, skills=4, rank=4), head=True), data, {target.name: target.test}, lr=3e-3)  # α/r = 4: 1e-2 diverges
 
     print(f"\n| method | accuracy on {target.name} | trainable params | train time |\n|---|---|---|---|")
     for label, acc, params, seconds in demo.rows:

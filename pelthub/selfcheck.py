@@ -73,19 +73,12 @@ def _logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**inputs).logits
 
 
-def _moved(model: nn.Module, scale: float = 0.3) -> None:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, p in model.module_parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
 def check_kind(family: str, kind: str) -> None:
     base = tiny.BUILDERS[family]()
     inputs = tiny.batch(family)
     before = _logits(base, inputs)
     model = attach(base, KINDS[kind])
-    _moved(model)
+    tiny.perturb(model, scale=0.3)
     after = _logits(model, inputs)[..., -before.shape[-2]:, :] if before.dim() == 3 else _logits(model, inputs)
     assert not torch.allclose(after, before, atol=1e-4), "the module does not change the output"
     assert torch.equal(_logits(model.detach(), inputs), before), "detach() does not restore the base bit for bit"
@@ -96,7 +89,7 @@ def check_lora_formula(family: str) -> None:
     inputs = tiny.batch(family)
     reference = copy.deepcopy(base)
     model = attach(base, LoRA(r=2, alpha=3.0))
-    _moved(model)
+    tiny.perturb(model, scale=0.3)
     with torch.no_grad():
         for key, layer in model.adapters["default"]["lora"].layers.items():
             target = reference.get_submodule(key.replace("-", "."))
@@ -112,7 +105,7 @@ def check_prefix_applied(family: str) -> None:
     before = _logits(base, inputs)
     cache_keyword(base)
     model = attach(base, Prefix(length=2, hidden=None))
-    _moved(model)
+    tiny.perturb(model, scale=0.3)
     out = model(**inputs).logits
     assert not torch.allclose(out.detach(), before, atol=1e-4), "the prefix does not reach the model"
     out.square().sum().backward()
@@ -122,7 +115,7 @@ def check_prefix_applied(family: str) -> None:
 
 def check_unipelt_prefix_gate(family: str) -> None:
     model = attach(tiny.BUILDERS[family](), UniPELT(prefix=Prefix(length=2, hidden=None)))
-    _moved(model)
+    tiny.perturb(model, scale=0.3)
     model(**tiny.batch(family)).logits.square().sum().backward()
     unipelt = model.adapters["default"]["unipelt"]
     gated = [site for site, parts in unipelt.gate_values().items() if "prefix" in parts]

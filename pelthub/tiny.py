@@ -62,3 +62,11 @@ def batch(arch: str, b: int = 3, n: int = 7, seed: int = 1) -> dict[str, torch.T
     if arch == "t5":
         out["decoder_input_ids"] = torch.randint(3, VOCAB, (b, 4), generator=g)
     return out
+
+
+def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> None:
+    """Move every module tensor of a ModularModel away from its (identity) initialisation."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.module_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)

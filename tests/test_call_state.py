@@ -4,12 +4,14 @@ The expected values are the same model called alone, sequentially, without the
 feature under test (threads, a nested call, gradient checkpointing).
 """
 import threading
+import warnings
 
 import pytest
 import torch
 
 import pelthub as ph
 from pelthub.errors import ConfigError
+from pelthub.model.modular import StackedHooksWarning
 from tests import tiny
 from tests.tiny import perturb
 
@@ -141,10 +143,12 @@ def test_a_prefix_under_gradient_checkpointing_is_refused_not_silently_dropped()
 def test_wrapping_a_base_that_carries_modules_warns():
     base = tiny.bert()
     ph.attach(base, ph.LoRA(r=2))
-    with pytest.warns(UserWarning, match="already carries pelthub modules"):
+    with pytest.warns(StackedHooksWarning, match="already carries pelthub modules"):
         ph.attach(base, ph.IA3())
     fresh = tiny.bert()
-    ph.attach(ph.attach(fresh, ph.LoRA(r=2)).detach(), ph.IA3())  # a detached base is free again, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StackedHooksWarning)
+        ph.attach(ph.attach(fresh, ph.LoRA(r=2)).detach(), ph.IA3())  # a detached base is free again
 
 
 def test_disable_adapter_runs_the_bare_base_then_restores_the_modules():

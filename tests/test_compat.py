@@ -65,8 +65,11 @@ def test_cache_layers_expose_keys_and_values():
 def test_checkpointing_flag_follows_enable_and_disable():
     model = tiny.bert().train()
     assert not is_checkpointing(model)
-    ph.attach(model, ph.LoRA(r=2)).gradient_checkpointing_enable()
+    wrapped = ph.attach(model, ph.LoRA(r=2))
+    wrapped.gradient_checkpointing_enable()
     assert is_checkpointing(model)
+    wrapped.gradient_checkpointing_disable()
+    assert not is_checkpointing(model)
 
 
 def test_a_prefix_gate_that_does_not_run_raises_instead_of_skipping(monkeypatch):

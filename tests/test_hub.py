@@ -15,22 +15,11 @@ from pelthub.errors import (HubAuthError, HubConnectionError, HubError, HubInteg
                             ModuleFormatError)
 from pelthub.hub import export, import_peft, search
 from tests import tiny
+from tests.tiny import trained
 from tests.hub_fixtures import local_hub  # noqa: F401  (pytest fixture)
 from tests.hubserver import LocalHub
 
 TOKEN = "hf_SecretTokenValue0123456789"
-
-
-def trained(cfg, seed=0, base=None, name="tiny/bert"):
-    """A module with every tensor moved off its initial value (so outputs differ from the base's)."""
-    base = base if base is not None else tiny.bert()
-    base.config.name_or_path = name
-    model = ph.attach(base, cfg).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.module_parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
 
 
 def files(reg, ref):

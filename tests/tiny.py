@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from pelthub.tiny import BUILDERS, VOCAB, batch, bert, gpt2, llama, roberta, t5  # noqa: F401
+import pelthub as ph
+from pelthub.tiny import BUILDERS, VOCAB, batch, bert, gpt2, llama, perturb, roberta, t5  # noqa: F401
 
 
 def run(model, inputs) -> torch.Tensor:
@@ -12,9 +13,10 @@ def run(model, inputs) -> torch.Tensor:
         return model(**inputs).logits
 
 
-def perturb(model, seed: int = 0, scale: float = 0.1) -> None:
-    """Move every module tensor away from its (identity) initialisation."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.module_parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
+def trained(cfg, seed: int = 0, base=None, name: str = "tiny/bert"):
+    """A tiny-BERT module (named `name`) with every tensor moved off its initial value."""
+    base = base if base is not None else bert()
+    base.config.name_or_path = name
+    model = ph.attach(base, cfg).eval()
+    perturb(model, seed, scale=0.3)
+    return model

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError, IncompatibleModuleError
 from ..model import ModularModel
-from ..model.modular import refuse_wrapped
+from ..model.modular import warn_if_wrapped
 from ..modules.base import PeltModule
 from ..modules.config import ModuleConfig
 from ..modules.prompt import PromptModule
@@ -42,7 +42,7 @@ def compose(base: nn.Module, *blocks: Part, name: str = "composed", head: bool |
     """
     groups = _groups(blocks)
     if not isinstance(base, ModularModel):
-        refuse_wrapped(base)
+        warn_if_wrapped(base)
     model = base if isinstance(base, ModularModel) else ModularModel(base)
     names, added = _names(model, name), []
     try:

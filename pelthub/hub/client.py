@@ -1,7 +1,7 @@
 """One place where pelthub talks to `huggingface_hub`: clients, verified downloads, error translation.
 
 Every Hub call runs inside `translated(...)`, which turns the client's
-exceptions (and the raw `httpx2` errors some calls leak) into pelthub
+exceptions (and the raw httpx / httpx2 errors some calls leak) into pelthub
 `HubError`s whose message says what to do. Messages are scrubbed of tokens.
 
 Every request made inside `translated(...)` is bounded by pelthub's
@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
-from .transport import http
 from huggingface_hub import HfApi, constants, get_session, get_token
 from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                     OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
@@ -26,6 +25,7 @@ from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTT
 from ..errors import ConfigError, HubAuthError, HubConnectionError, HubError, HubIntegrityError, HubNotFoundError
 from ..registry.card import HUB_ID_RE
 from .limits import TIMEOUT_ENV, timeout_s
+from .transport import http
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}\Z")
 _TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{8,}|(?<=Bearer )\S+")

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import quote
 
-from .transport import http
 from huggingface_hub import get_session
 from huggingface_hub.utils import build_hf_headers
 
 from ..errors import HubAuthError, HubConnectionError, HubError, HubIntegrityError, HubNotFoundError
 from .client import COMMIT_RE, bounded, check_online, check_repo_id, endpoint_of, public, scrub, too_slow
 from .limits import ATTEMPTS, BACKOFF_S
+from .transport import http
 
 PLAIN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}\Z")
 CHUNK = 1 << 20

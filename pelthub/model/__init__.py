@@ -8,7 +8,7 @@ from torch import nn
 
 from ..modules.config import ModuleConfig
 from .io import load_modules
-from .modular import ModularModel, TrainableParameters, refuse_wrapped
+from .modular import ModularModel, TrainableParameters, warn_if_wrapped
 from .sites import Sites
 
 
@@ -22,7 +22,7 @@ def attach(model: nn.Module, *configs: ModuleConfig, name: str = "default", head
     """
     if isinstance(model, ModularModel):
         return model.add(name, configs, head=head, tokenizer=tokenizer)
-    refuse_wrapped(model)
+    warn_if_wrapped(model)
     wrapped = ModularModel(model)
     try:
         return wrapped.add(name, configs, head=head, tokenizer=tokenizer)

@@ -14,8 +14,8 @@ import torch
 
 from ..errors import ConfigError
 from ..modules.base import CallState
-from .compat import cache_keyword, given_cache
-from .inputs import cache_length, input_embeddings, prefix_cache, prepend_prompt
+from .compat import cache_keyword
+from .inputs import cache_length, input_embeddings, prefix_cache, prepend_prompt, refuse_given_cache
 
 if TYPE_CHECKING:
     from .modular import ModularModel
@@ -36,8 +36,7 @@ def generate(model: "ModularModel", state: CallState, input_ids: torch.Tensor,
     length = 0
     if prefixers:
         batch = input_ids.shape[0]
-        if given_cache(kwargs) is not None:
-            raise ConfigError("a prefix module builds the cache itself; do not pass past_key_values= or cache=")
+        refuse_given_cache(kwargs)
         if not _setting(base, kwargs, "use_cache", True):
             raise ConfigError("a prefix lives in the cache, so generate needs use_cache=True; with "
                               "use_cache=False the prefix would be dropped after the first token")

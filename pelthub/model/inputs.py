@@ -62,8 +62,7 @@ def prefix_cache(pairs: list[tuple[torch.Tensor, torch.Tensor]], g: Geometry,
 def add_prefix(kwargs: dict[str, Any], cache: DynamicCache | EncoderDecoderCache, keyword: str, g: Geometry,
                batch: int, device: torch.device) -> dict[str, Any]:
     """Pass the prefix `cache` under the model's cache `keyword` and give the masks L leading "attend" columns."""
-    if given_cache(kwargs) is not None:
-        raise ConfigError("a prefix module builds the cache itself; do not pass past_key_values= or cache=")
+    refuse_given_cache(kwargs)
     length = cache_length(cache)
     out = dict(kwargs, **{keyword: cache})
     key = "decoder_attention_mask" if g.encoder_decoder else "attention_mask"
@@ -74,6 +73,12 @@ def add_prefix(kwargs: dict[str, Any], cache: DynamicCache | EncoderDecoderCache
     if mask is not None:
         out[key] = torch.cat([_ones(batch, length, mask), mask], dim=1)
     return out
+
+
+def refuse_given_cache(kwargs: dict[str, Any]) -> None:
+    """A prefix module builds the call's cache itself; one passed in would be replaced silently."""
+    if given_cache(kwargs) is not None:
+        raise ConfigError("a prefix module builds the cache itself; do not pass past_key_values= or cache=")
 
 
 def cache_length(cache: DynamicCache | EncoderDecoderCache) -> int:

@@ -145,9 +145,13 @@ def check_finite(weights: Path) -> None:
     """Refuse NaN or infinite values, naming the tensor; reads one tensor at a time."""
     with safe_open(str(weights), framework="pt") as f:
         for key in f.keys():
-            if not bool(torch.isfinite(f.get_tensor(key)).all()):
-                raise ModuleFormatError(f"{weights}: tensor {key} holds NaN or infinite values; a trained module "
-                                        "has finite weights, so this file was not loaded")
+            refuse_non_finite(weights, key, f.get_tensor(key))
+
+
+def refuse_non_finite(weights: Path, key: str, tensor: torch.Tensor) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise ModuleFormatError(f"{weights}: tensor {key} holds NaN or infinite values; a trained module "
+                                "has finite weights, so this file was not loaded")
 
 
 def _planned(model: "ModularModel", data: dict[str, Any], heads: bool) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -195,12 +199,13 @@ def load_modules(base: nn.Module, directory: str | os.PathLike, strict_base: boo
     saved_heads = data.get("heads", {})
     data["modules"] = {name: _configs(name, configs, directory) for name, configs in data["modules"].items()}
     _check_plan(weights, header, _planned(model, data, heads))
-    check_finite(weights)
+    state = load_file(str(weights))  # safe to allocate now: names, shapes and dtypes matched the configs
+    for key, tensor in state.items():
+        refuse_non_finite(weights, key, tensor)
     model.task_names = list(data.get("tasks", [])) or model.task_names
     for name, configs in data["modules"].items():
         head = site_name(saved_heads[name][0]) if heads and saved_heads.get(name) else False
         model.add(name, configs, init=False, head=head)
-    state = load_file(str(weights))
     if not heads:
         state = {k: v for k, v in state.items() if not k.startswith("heads.")}
     own = dict(model.module_parameters())

@@ -378,12 +378,13 @@ class StackedHooksWarning(UserWarning):
     """A base wrapped while another ModularModel still hooks it: both models' modules run."""
 
 
-def refuse_wrapped(base: nn.Module) -> None:
-    """attach/compose on a base another ModularModel still hooks would stack both models' modules silently."""
+def warn_if_wrapped(base: nn.Module) -> None:
+    """attach/compose on a base another ModularModel still hooks: both models' modules would run."""
     if base in _WRAPPED:
         warnings.warn(f"this {type(base).__name__} already carries pelthub modules from another ModularModel, "
-                          "whose hooks would run too. Add to that model instead (ph.attach(model, ...) or "
-                          "ph.compose(model, ...)), call .detach() on it first, or load a fresh base", StackedHooksWarning, stacklevel=3)
+                      "whose hooks would run too. Add to that model instead (ph.attach(model, ...) or "
+                      "ph.compose(model, ...)), call .detach() on it first, or load a fresh base",
+                      StackedHooksWarning, stacklevel=3)
 
 
 def _provides(module: nn.Module, method: str) -> bool:

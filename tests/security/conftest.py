@@ -5,25 +5,12 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-import torch
 
 import pelthub as ph
 from pelthub.hub.sync import README
 from pelthub.registry import Card
-from tests import tiny
+from tests.tiny import trained
 from tests.hub_fixtures import local_hub  # noqa: F401  (pytest fixture)
-
-
-def trained(cfg, seed: int = 0, name: str = "tiny/bert"):
-    """A module whose tensors all moved off their initial values."""
-    base = tiny.bert()
-    base.config.name_or_path = name
-    model = ph.attach(base, cfg).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.module_parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
 
 
 def publish(hub, reg: ph.Registry, ref: str, repo_id: str, readme: str | None = None, **changes) -> str:
