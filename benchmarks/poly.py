@@ -30,7 +30,7 @@ except ImportError:  # run as a script
     import common  # type: ignore[no-redef]
 
 import pelthub as ph
-from pelthub.model.sites import Sites
+from pelthub.sites import Sites
 from pelthub.routing import param_groups
 
 MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,

@@ -18,7 +18,7 @@ import torch
 import pelthub as ph
 from pelthub.errors import (ConfigError, IncompatibleModuleError, IntegrityError, ModuleFormatError, NotFoundError,
                             RegistryError)
-from pelthub.model.sites import Sites
+from pelthub.sites import Sites
 from pelthub.registry import Card
 from pelthub.registry.blobs import file_sha256
 from pelthub.registry.card import FIELDS, OPTIONAL

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..errors import ConfigError, IncompatibleModuleError
 from ..model import ModularModel, from_pretrained
-from ..model.sites import Sites
+from ..sites import Sites
 from ..modules.base import PeltModule
 from ..modules.config import ModuleConfig, config_from_dict
 

@@ -9,7 +9,7 @@ from torch import nn
 from ..modules.config import ModuleConfig
 from .io import load_modules
 from .modular import ModularModel, TrainableParameters, warn_if_wrapped
-from .sites import Sites
+from ..sites import Sites
 
 
 def attach(model: nn.Module, *configs: ModuleConfig, name: str = "default", head: bool | str = False,

@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import IncompatibleModuleError, ModuleFormatError
 from ..modules.base import site_name
 from ..modules.config import config_from_dict
-from .sites import Sites
+from ..sites import Sites
 
 if TYPE_CHECKING:
     from .modular import ModularModel

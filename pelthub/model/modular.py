@@ -23,7 +23,7 @@ from ..modules.base import CallContext, CallState, Handle, PeltModule, site_key,
 from ..modules.config import ModuleConfig
 from .compat import cache_keyword, disable_checkpointing, enable_checkpointing, is_checkpointing
 from .inputs import add_prefix, input_embeddings, prefix_cache, prepend_prompt
-from .sites import Sites
+from ..sites import Sites
 
 # Bases that carry a ModularModel's hooks right now (weakly held: a dropped model frees its base).
 _WRAPPED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..model.sites import Sites, linear_dims
+from ..sites import Sites, linear_dims
 from .base import CallContext, Handle, PeltModule, add_to_output, is_conv1d, site_key, site_name
 from .config import ModuleConfig, positive_int, positive_number, probability, targets
 

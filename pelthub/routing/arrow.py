@@ -38,7 +38,7 @@ from torch import nn
 
 from ..errors import ConfigError, IncompatibleModuleError, RegistryError
 from ..model.modular import ModularModel
-from ..model.sites import Sites, linear_dims
+from ..sites import Sites, linear_dims
 from ..modules.base import CallContext, Handle, PeltModule, add_to_output, site_key, site_name
 from ..modules.config import ModuleConfig, one_of, positive_int, positive_number
 from ..modules.lora import LoRAModule

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ConfigError
 from ..model.modular import ModularModel
-from ..model.sites import is_linear
+from ..sites import is_linear
 from ..modules.lora import LoRA
 from .arrow import arrow_module
 

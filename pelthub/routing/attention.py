@@ -63,7 +63,7 @@ from torch import nn
 
 from ..errors import ConfigError, RegistryError, RoutingError
 from ..model.modular import ModularModel
-from ..model.sites import Sites
+from ..sites import Sites
 from ..modules.base import CallContext, PeltModule
 from ..modules.config import ModuleConfig, config_from_dict, one_of, positive_int, positive_number
 from ..modules.prompt import Prompt, PromptModule, initial_prompt

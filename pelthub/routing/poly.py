@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DuplicateNameError, RoutingError
-from ..model.sites import Sites, linear_dims
+from ..sites import Sites, linear_dims
 from ..modules.base import CallContext, Handle, PeltModule, add_to_output, site_key, site_name
 from ..modules.config import ModuleConfig, one_of, positive_int, positive_number, probability, targets
 
