@@ -4,7 +4,7 @@ A *source* is a module to reuse, given as one of
 
 - a saved module directory (what `save_pretrained` writes), as str or Path;
 - a registry ref, 'name' or 'name@version' (a string that is not a directory),
-  loaded with `registry.load(ref, base)`;
+  loaded with `registry.load(ref, base)` (compose's `registry=`);
 - an in-memory module: a ModularModel holding it, or a built module such as
   the result of `merge`;
 - inside `Stack` also a ModuleConfig: a fresh module that trains.
@@ -37,7 +37,8 @@ from ..errors import ConfigError, IncompatibleModuleError
 from ..model import ModularModel, from_pretrained
 from ..sites import Sites
 from ..modules.base import PeltModule
-from ..modules.config import ModuleConfig, config_from_dict
+from ..modules.config import ModuleConfig, Sourced, config_from_dict
+from ..registry import parent_entries, require_registry
 
 Source = Union[str, os.PathLike, ModularModel, PeltModule, ModuleConfig]
 _BLOCKS: dict[str, type["Block"]] = {}
@@ -124,7 +125,7 @@ def block_from_dict(data: dict[str, Any]) -> Block:
 
 def _checked_sources(what: str, sources: Any, configs: bool = True) -> tuple[Source, ...]:
     sources = tuple(sources)
-    allowed = (str, os.PathLike, ModularModel, PeltModule) + ((ModuleConfig,) if configs else ())
+    allowed = (str, os.PathLike, ModularModel, PeltModule) + ((ModuleConfig, Sourced) if configs else ())
     bad = [s for s in sources if not isinstance(s, allowed)]
     if not sources or bad:
         raise ConfigError(f"{what} takes one or more modules: saved directories, registry refs, ModularModels or "
@@ -167,7 +168,7 @@ def load_source(source: Source, base: nn.Module | None, registry: Any = None) ->
     if Path(source).is_dir():
         loaded = from_pretrained(raw_base(base), source)
     else:
-        loaded = _registry(registry).load(os.fspath(source), raw_base(base))
+        loaded = require_registry(registry, f"source {os.fspath(source)!r}").load(os.fspath(source), raw_base(base))
     modules = [m for s in loaded.adapters.values() for m in s.values()]
     loaded.detach()
     return modules
@@ -189,20 +190,7 @@ def parents(*blocks: Any, registry: Any = None) -> list[dict[str, Any]]:
     """
     refs = [s for b in blocks if isinstance(b, Block) for s in b.sources
             if isinstance(s, str) and not Path(s).is_dir()]
-    registry = _registry(registry) if refs else registry
-    out = []
-    for ref in dict.fromkeys(refs):
-        card = registry.get(ref)
-        out.append({"ref": getattr(card, "ref", ref), "sha256": getattr(card, "digest", None)})
-    return out
-
-
-def _registry(registry: Any) -> Any:
-    """The registry given (anything with `.load(ref, base)` and `.get(ref)`), else the local one."""
-    if registry is not None:
-        return registry
-    from ..registry import Registry  # the registry depends on modules only; import it when refs are used
-    return Registry()
+    return parent_entries(require_registry(registry, f"source {refs[0]!r}"), refs) if refs else []
 
 
 def _describe(source: Source) -> str:

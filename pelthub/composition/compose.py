@@ -25,12 +25,12 @@ from ..errors import ConfigError, IncompatibleModuleError
 from ..model import ModularModel
 from ..model.modular import warn_if_wrapped
 from ..modules.base import PeltModule
-from ..modules.config import ModuleConfig
+from ..modules.config import Buildable, ModuleConfig, Sourced
 from ..modules.prompt import PromptModule
 from .blocks import Block, Stack, load_single, load_source, parents
 from .merge import merge
 
-Part = Union[ModuleConfig, Block, str, os.PathLike, ModularModel, PeltModule]
+Part = Union[ModuleConfig, Sourced, Block, str, os.PathLike, ModularModel, PeltModule]
 
 
 def compose(base: nn.Module, *blocks: Part, name: str = "composed", head: bool | str = False,
@@ -38,9 +38,9 @@ def compose(base: nn.Module, *blocks: Part, name: str = "composed", head: bool |
     """Attach configs and composition blocks to `base` (see the module docstring).
 
     head: train a copy of the task head with the first set. registry: resolves
-    registry-ref sources (default: the local `Registry()`).
+    registry-ref sources (needed when a block names one).
     """
-    groups = _groups(blocks)
+    groups = _groups(blocks, registry)
     if not isinstance(base, ModularModel):
         warn_if_wrapped(base)
     model = base if isinstance(base, ModularModel) else ModularModel(base)
@@ -60,9 +60,9 @@ def compose(base: nn.Module, *blocks: Part, name: str = "composed", head: bool |
         if model is not base:
             model.detach()
         raise
-    found = parents(*groups, registry=registry) + [  # routers that resolved registry refs (ATTEMPT sources)
+    found = parents(*groups, registry=registry) + [  # routers that resolved registry refs (ATTEMPT, Arrow)
         p for set_name in added for m in model.adapters[set_name].values() if callable(getattr(m, "parents", None))
-        for p in m.parents(registry)]
+        for p in m.parents()]
     model.parents = model.parents + [p for p in found if p not in model.parents]
     return model
 
@@ -98,11 +98,16 @@ def weighted_sum(modules: list[PeltModule], weights: tuple[float, ...]) -> PeltM
                       "use Stack to apply other modules in sequence")
 
 
-def _groups(blocks: tuple[Part, ...]) -> list[list[ModuleConfig] | Block]:
-    """Consecutive configs as one list; other parts as blocks (a bare source as Stack(source))."""
-    groups: list[list[ModuleConfig] | Block] = []
+def _groups(blocks: tuple[Part, ...], registry: Any) -> list[list[Buildable] | Block]:
+    """Consecutive configs as one list; other parts as blocks (a bare source as Stack(source)).
+
+    A `Sourced` config without a registry of its own gets compose's.
+    """
+    groups: list[list[Buildable] | Block] = []
     for part in blocks:
-        if isinstance(part, ModuleConfig):
+        if isinstance(part, Sourced):
+            part = part.given(registry=registry)
+        if isinstance(part, (ModuleConfig, Sourced)):
             if groups and isinstance(groups[-1], list):
                 groups[-1].append(part)
             else:
@@ -117,15 +122,15 @@ def _groups(blocks: tuple[Part, ...]) -> list[list[ModuleConfig] | Block]:
     return groups
 
 
-def _sets(group: list[ModuleConfig] | Block, model: ModularModel, names: Iterator[str],
-          registry: Any) -> Iterator[tuple[str, list[ModuleConfig] | PeltModule]]:
+def _sets(group: list[Buildable] | Block, model: ModularModel, names: Iterator[str],
+          registry: Any) -> Iterator[tuple[str, list[Buildable] | PeltModule]]:
     """(set name, configs or built module) to attach for one group."""
     if isinstance(group, list):
         yield next(names), group
     elif isinstance(group, Stack):
         for source in group.sources:
-            if isinstance(source, ModuleConfig):
-                yield next(names), [source]
+            if isinstance(source, (ModuleConfig, Sourced)):
+                yield next(names), [source.given(registry=registry) if isinstance(source, Sourced) else source]
             else:
                 for module in load_source(source, model.base, registry):
                     yield next(names), module
