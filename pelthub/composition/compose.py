@@ -9,7 +9,9 @@ ref, a ModularModel or a built module such as `merge`'s result) is read as
 block adds sets named `name`, `name-1`, `name-2`, ... in order. So a composed
 model is a ModularModel and saves, loads and detaches like one.
 
-A composed model records the registry modules it reuses in `model.parents`
+A composed model keeps its blocks as data in `model.composition` (see
+blocks.py), saved into pelthub.json and read back by `from_pretrained`, and
+records the registry modules it reuses in `model.parents`
 ({"ref", "sha256"} each); pass them on when saving, so the registry keeps the
 dependency graph: `model.save_pretrained(dir, parents=model.parents)`.
 """
@@ -44,9 +46,10 @@ def compose(base: nn.Module, *blocks: Part, name: str = "composed", head: bool |
     if not isinstance(base, ModularModel):
         warn_if_wrapped(base)
     model = base if isinstance(base, ModularModel) else ModularModel(base)
-    names, added = _names(model, name), []
+    names, added, composition = _names(model, name), [], []
     try:
         for group in groups:
+            start = len(added)
             for set_name, item in _sets(group, model, names, registry):
                 first = not added
                 if isinstance(item, list):
@@ -54,6 +57,8 @@ def compose(base: nn.Module, *blocks: Part, name: str = "composed", head: bool |
                 else:
                     attach_copy(model, set_name, item, head=head if first else False)
                 added.append(set_name)
+            if isinstance(group, Block):
+                composition.append({**group.to_dict(strict=False), "sets": added[start:]})
     except BaseException:
         for set_name in reversed(added):
             model.remove(set_name)
@@ -64,6 +69,7 @@ def compose(base: nn.Module, *blocks: Part, name: str = "composed", head: bool |
         p for set_name in added for m in model.adapters[set_name].values() if callable(getattr(m, "parents", None))
         for p in m.parents()]
     model.parents = model.parents + [p for p in found if p not in model.parents]
+    model.composition = model.composition + composition
     return model
 
 
@@ -131,12 +137,25 @@ def _sets(group: list[Buildable] | Block, model: ModularModel, names: Iterator[s
         for source in group.sources:
             if isinstance(source, (ModuleConfig, Sourced)):
                 yield next(names), [source.given(registry=registry) if isinstance(source, Sourced) else source]
+            elif isinstance(source, Block):
+                yield from _sets(source, model, names, registry)
             else:
                 for module in load_source(source, model.base, registry):
                     yield next(names), module
     else:
-        modules = [load_single(s, model.base, registry) for s in group.sources]
-        yield next(names), weighted_sum(modules, group.weights)
+        yield next(names), _one_module(group, model, registry)
+
+
+def _one_module(source: Any, model: ModularModel, registry: Any) -> PeltModule:
+    """The single module a source of a sum comes to: a loaded module, or a nested sum merged exactly."""
+    if isinstance(source, Stack) and len(source.sources) == 1:
+        return _one_module(source.sources[0], model, registry)
+    if isinstance(source, Stack):
+        raise ConfigError(f"a Stack of {len(source.sources)} sources inside a sum is more than one module; "
+                          "sum its LoRAs or prompts with Average / WeightedSum instead")
+    if isinstance(source, Block):
+        return weighted_sum([_one_module(s, model, registry) for s in source.sources], source.weights)
+    return load_single(source, model.base, registry)
 
 
 def _names(model: ModularModel, name: str) -> Iterator[str]:
