@@ -127,7 +127,7 @@ class Registry:
             info = read_description(directory)
             if resolved is None:
                 resolved, local = self._parents(info.get("parents") or [])
-            counted = _count_parameters(directory / WEIGHTS_FILE)
+            counted = _trainable_parameters(info, directory / WEIGHTS_FILE)
             ours = directory == Path(tmp)  # written and fsynced by save_pretrained: link, don't copy
             files = {f: self.blobs.put(directory / f, link=ours) for f in MODULE_FILES}
             signatures.record(self.root, directory, files[WEIGHTS_FILE][0])  # Arrow prototypes of a LoRA
@@ -392,8 +392,15 @@ def _base_keys(base_model: nn.Module | str | None) -> tuple[str | None, str | No
                       f"got {type(base_model).__name__}")
 
 
-def _count_parameters(weights: Path) -> int:
-    """Parameters in a safetensors file; checking it also rejects a damaged, foreign or non-float file early."""
+def _trainable_parameters(info: dict[str, Any], weights: Path) -> int:
+    """The trainable parameter count pelthub.json declares (frozen tensors, such as ATTEMPT's source
+    prompts, are saved but not trained), checked against the file; reading the file also rejects a
+    damaged, foreign or non-float file early."""
     header = read_header(weights)
     check_finite(weights)
-    return sum(math.prod(shape) for shape, _ in header.values())
+    stored = sum(math.prod(shape) for shape, _ in header.values())
+    declared = info.get("trainable_parameters", stored)
+    if not isinstance(declared, int) or isinstance(declared, bool) or not 0 <= declared <= stored:
+        raise ModuleFormatError(f"{weights.parent / CONFIG_FILE}: trainable_parameters must be an integer between 0 "
+                                f"and the {stored:,} parameters the weights file holds, got {declared!r}")
+    return declared
