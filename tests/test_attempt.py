@@ -237,7 +237,7 @@ def test_sources_given_as_modules_models_or_registry_refs():
         def __init__(self):
             self.asked = []
 
-        def load(self, ref, base):
+        def load(self, ref, base, heads=True):
             self.asked.append(ref)
             return trained
 

@@ -339,3 +339,22 @@ def test_nested_composition_travels_through_the_hub_with_its_parents(tmp_path, l
     torch.testing.assert_close(run(loaded, inputs), run(edited_base([(0.5, module(a, "lora")), (0.5, module(b, "lora"))]),
                                                         inputs), atol=1e-5, rtol=1e-5)
     assert block_from_dict(loaded.composition[0]) == block
+
+
+def test_sources_are_taken_without_their_heads(tmp_path):
+    """A source trained with a head for another label count still composes: reused modules never bring heads."""
+    source = ph.attach(tiny.bert(num_labels=4), ph.LoRA(r=2, targets=TARGETS), head=True)
+    with torch.no_grad():
+        for _, p in source.module_parameters():
+            p.add_(torch.randn(p.shape) * 0.3)
+    assert source.heads
+    registry = ph.Registry(tmp_path / "reg")
+    ref = registry.add(source, name="four-labels")
+    source.save_pretrained(tmp_path / "dir")
+    for part in (ref, str(tmp_path / "dir")):
+        model = ph.compose(tiny.bert(num_labels=2), ph.Average(ph.Stack(part)), registry=registry)
+        reference = edited_base([(1.0, module(source, "lora"))])
+        torch.testing.assert_close(run(model, tiny.batch("bert")), run(reference, tiny.batch("bert")),
+                                   atol=1e-5, rtol=1e-5)
+    arrow = ph.compose(tiny.bert(num_labels=2), ph.Arrow([ref], top_k=1), registry=registry)
+    assert not arrow.heads

@@ -290,7 +290,7 @@ def test_from_modules_resolves_registry_refs_and_unhooks_the_base():
         def __init__(self):
             self.sources = {f"task-{i}": lora_model(tiny.bert(), 2, 2.0, i) for i in range(2)}
 
-        def load(self, ref, base):
+        def load(self, ref, base, heads=True):
             loaded = ph.attach(base, ph.LoRA(r=2, alpha=2.0), name="loaded")
             loaded.adapters["loaded"].load_state_dict(self.sources[ref].adapters["default"].state_dict())
             return loaded

@@ -4,7 +4,7 @@ A *source* is a module to reuse, given as one of
 
 - a saved module directory (what `save_pretrained` writes), as str or Path;
 - a registry ref, 'name' or 'name@version' (a string that is not a directory),
-  loaded with `registry.load(ref, base)` (compose's `registry=`);
+X
 - an in-memory module: a ModularModel holding it, or a built module such as
   the result of `merge`;
 - inside `Stack` also a ModuleConfig: a fresh module that trains;
@@ -188,9 +188,10 @@ def load_source(source: Source, base: nn.Module | None, registry: Any = None) ->
     if base is None:
         raise ConfigError(f"loading {os.fspath(source)!r} needs the base model: pass base=")
     if Path(source).is_dir():
-        loaded = from_pretrained(raw_base(base), source)
+        loaded = from_pretrained(raw_base(base), source, heads=False)
     else:
-        loaded = require_registry(registry, f"source {os.fspath(source)!r}").load(os.fspath(source), raw_base(base))
+        loaded = require_registry(registry, f"source {os.fspath(source)!r}").load(os.fspath(source), raw_base(base),
+                                                                            heads=False)
     modules = [m for s in loaded.adapters.values() for m in s.values()]
     loaded.detach()
     return modules

@@ -37,7 +37,7 @@ pairs it with the prompt values as build inputs (`Sourced`): values given
 directly (tensors, PromptModules or ModularModels holding one prompt; a
 mapping names them, otherwise they are called "source0", ...), and names
 resolved through `registry=` (of AttentionMix or of `compose`) with
-`registry.load(ref, base)` when the module is built. Once built, the
+`registry.load(ref, base, heads=False)` when the module is built. Once built, the
 sources are frozen parameters of the module, so `save_pretrained` writes them
 to modules.safetensors and a saved ATTEMPT model loads stand-alone;
 `parents()` lists the sources that are registry modules (ref and card
@@ -171,7 +171,7 @@ class AttentionMixConfig(ModuleConfig):
             if registry is None:
                 raise ConfigError(f"AttentionMix source {name!r} is a name without values: pass the prompt itself "
                                   "(tensor, PromptModule or ModularModel) or registry= to resolve it")
-            value = _prompt_tensor(name, registry.load(name, base))
+            value = _prompt_tensor(name, registry.load(name, base, heads=False))
         if value.shape[1] != d:
             raise ConfigError(f"AttentionMix source {name!r} has width {value.shape[1]}, but this model's "
                               f"embeddings have width {d}: use prompts trained on this base model")

@@ -126,7 +126,7 @@ class Poly(ModuleConfig):
 
         With variant="hard" (default) task i is served by module i exactly; "poly" or "z" learn
         routing over the inventory for `tasks`. Registry refs need `registry=` (anything with
-        `.load(ref, base)`) and `base=`. Returns the config with the LoRA weights as its build
+        `.load(ref, base, heads=False)`) and `base=`. Returns the config with the LoRA weights as its build
         input (`Sourced`), for `compose`. See `poly_sources.over_modules`.
         """
         return over_modules(cls, modules, tasks, variant, heads, granularity, registry, base)

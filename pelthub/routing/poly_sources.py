@@ -48,7 +48,7 @@ def _lora_weights(source: Any, registry: Any, base: nn.Module | None) -> tuple[s
             raise ConfigError(f"Poly.from_modules: the registry ref {source!r} needs registry= (e.g. "
                               "pelthub.Registry()) and base= (the model to load it onto)")
         before = set(base.adapters) if isinstance(base, ModularModel) else set()
-        loaded = registry.load(source, base)
+        loaded = registry.load(source, base, heads=False)
         try:
             return source, _lora_weights(loaded, None, None)[1]
         finally:  # the loaded copy must not stay hooked onto the base
