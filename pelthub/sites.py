@@ -44,8 +44,7 @@ ROLES = ("q", "k", "v", "qkv", "o", "up", "gate", "down", "attn", "ffn_in", "ffn
 # Which of several same-shaped projections is which: read from the module's own (last) name.
 _NAMED = {
     "q": re.compile(r"(q|query|q_proj|query_proj|q_lin|wq)"), "k": re.compile(r"(k|key|k_proj|key_proj|k_lin|wk)"),
-    "v": re.compile(r"(v|value|v_proj|value_proj|v_lin|wv)"), "o": re.compile(r"(o|o_proj|out_proj|out_lin|wo)"),
-    "gate": re.compile(r"(gate|gate_proj|wi_0|w1)"),
+    "v": re.compile(r"(v|value|v_proj|value_proj|v_lin|wv)"), "gate": re.compile(r"(gate|gate_proj|wi_0|w1)"),
 }
 # Models whose blocks pelthub cannot read (no repeated layers with linear projections, e.g. a
 # skeleton of site names) fall back to common module-name patterns.
@@ -116,7 +115,7 @@ def find_blocks(names: dict[str, nn.Module]) -> list[list[str]]:
     stacks: list[list[str]] = []
     for name, module in names.items():
         if not isinstance(module, nn.ModuleList) or not len(module) or any(
-                _within(name, s[0].rpartition(".")[0]) for s in stacks):
+                _within(name, _parent(s[0])) for s in stacks):
             continue
         kids = list(module)
         if len({type(k) for k in kids}) == 1 and sum(is_linear(m) for m in kids[0].modules()) >= 2:
@@ -151,8 +150,6 @@ def _attention(parent: str, kids: dict[str, tuple[int, int]], d: int, width: int
         return None
     taken = set(projections.values())
     rest = [n for n, (_, o) in kids.items() if o == d and n not in taken]
-    if len(rest) > 1:
-        rest = [n for n in rest if _NAMED["o"].fullmatch(_last(n))]
     if len(rest) == 1:
         return _Attention(parent, parent, projections, rest[0])
     region = _parent(parent)
@@ -282,10 +279,10 @@ class Sites:
 
     def default_targets(self, kind: str) -> tuple[str, ...]:
         """What a config with `targets=None` adapts: q and v, or the fused qkv where q and v are one module."""
-        separate = "q" in self.by_role and "v" in self.by_role
-        if kind == "ia3":
-            return ("k", "v", "down") if separate else ("qkv", "down")
-        return ("q", "v") if separate or "qkv" not in self.by_role else ("qkv",)
+        separate = ("k", "v", "down") if kind == "ia3" else ("q", "v")
+        if "qkv" in self.by_role and not all(r in self.by_role for r in separate[:2]):
+            return ("qkv", "down") if kind == "ia3" else ("qkv",)
+        return separate
 
     def roles(self) -> list[str]:
         return sorted(self.by_role)

@@ -91,11 +91,11 @@ _MORE: dict[str, tuple[str, str, dict]] = {
 ENCODER_DECODER = ("t5", "bart")
 
 
-def family(name: str, seed: int = 0) -> torch.nn.Module:
-    """A tiny model of one of the `_MORE` families, in eval mode."""
+def family(name: str, seed: int = 0, **overrides: object) -> torch.nn.Module:
+    """A tiny model of one of the `_MORE` families (config fields changed by `overrides`), in eval mode."""
     config_class, model_class, fields = _MORE[name]
     torch.manual_seed(seed)
-    return getattr(transformers, model_class)(getattr(transformers, config_class)(**fields)).eval()
+    return getattr(transformers, model_class)(getattr(transformers, config_class)(**{**fields, **overrides})).eval()
 
 
 FAMILIES: dict[str, Callable[..., torch.nn.Module]] = {

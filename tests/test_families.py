@@ -15,20 +15,14 @@ from pelthub.errors import UnsupportedModelError
 from pelthub.modules.bottleneck import AdapterLayer
 from pelthub.sites import Sites
 from tests import tiny
+from tests.test_modules import WEIGHT_KINDS
 
 FAMILIES = list(tiny.FAMILIES)
 TASKS = ("a", "b")
 # Kinds whose fresh module is the identity (LoRA B = 0, adapter up = 0, IA3 = 1, LN Δ = 0, Poly B = 0).
 IDENTITY_KINDS = {
-    "lora": ph.LoRA(r=4),
+    **WEIGHT_KINDS,  # LoRA, bottleneck in all placements, Compacter(++), IA3, LN-tuning
     "lora-o-up-down": ph.LoRA(r=2, targets=("o", "up", "down")),
-    "bottleneck-pfeiffer": ph.Bottleneck(reduction=4),
-    "bottleneck-houlsby": ph.Bottleneck(placement="houlsby", reduction=4, activation="swish"),
-    "bottleneck-parallel": ph.Bottleneck(placement="parallel", reduction=4, scale=4.0),
-    "compacter": ph.Compacter(n=4, reduction=4),
-    "compacter++": ph.Compacter(n=2, reduction=4, placement="pfeiffer"),
-    "ia3": ph.IA3(),
-    "ln": ph.LNTuning(),
     "poly": ph.Poly(tasks=TASKS, skills=2, rank=2),
     "unipelt-lora-adapter": ph.UniPELT(lora=ph.LoRA(r=4), adapter=ph.Bottleneck(reduction=4)),
 }
@@ -163,6 +157,14 @@ def test_every_family_is_expected():
 def test_roles_resolve_to_the_right_modules(family):
     sites = Sites(shared(family)[0])
     assert {role: sorted(names) for role, names in sites.by_role.items()} == expected_sites(family)
+
+
+def test_deberta_position_projections_are_not_attention_roles():
+    """Without shared keys DeBERTa adds pos_key_proj / pos_query_proj (hidden → hidden) beside q, k, v."""
+    base = tiny.family("deberta-v2", share_att_key=False)
+    assert "deberta.encoder.layer.0.attention.self.pos_key_proj" in dict(base.named_modules())
+    sites = Sites(base)
+    assert {role: sorted(names) for role, names in sites.by_role.items()} == expected_sites("deberta-v2")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
