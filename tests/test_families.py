@@ -285,3 +285,21 @@ def test_opt_adapters_compute_the_placement_by_hand(placement):
             o = adapters[f"model-decoder-layers-{i}-self_attn-out_proj"]
             layer.self_attn.out_proj = _Wrapped(layer.self_attn.out_proj, lambda x, y, a=o: y + a(y))
     torch.testing.assert_close(run(model, inputs), run(reference, inputs), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["opt", "falcon", "gpt_neox", "phi", "gemma", "mistral", "qwen2", "qwen3"])
+def test_prefix_from_own_cache_equals_text_before_input(family):
+    """A prefix set to the frozen model's cache over s gives the logits of s + x: the cache layout
+    (key/value heads read off the projections, head size) is the one the family's attention reads."""
+    base = shared(family)[0]
+    s = torch.randint(3, tiny.VOCAB, (1, 5))
+    x = torch.randint(3, tiny.VOCAB, (2, 6))
+    with torch.no_grad():
+        cache = base(input_ids=s, use_cache=True).past_key_values
+        full = base(input_ids=torch.cat([s.expand(2, -1), x], 1)).logits[:, 5:]
+    model = ph.attach(base, ph.Prefix(length=5, hidden=None))
+    model.adapters["default"]["prefix"].load_pairs([(layer.keys, layer.values) for layer in cache.layers])
+    try:
+        torch.testing.assert_close(run(model, {"input_ids": x}), full, atol=1e-5, rtol=1e-5)
+    finally:
+        model.detach()
