@@ -198,14 +198,13 @@ def block_roles(block: str, names: dict[str, nn.Module], d: int, width: int, hea
 
 
 def _common_scope(names: list[str]) -> str:
-    parts = [n.split(".") for n in names]
+    """The innermost module holding all of `names` (two or more sibling or cousin linears)."""
     common = []
-    for level in zip(*parts):
+    for level in zip(*(n.split(".") for n in names)):
         if len(set(level)) > 1:
             break
         common.append(level[0])
-    whole = ".".join(common)
-    return _parent(whole) if whole in names else whole
+    return ".".join(common)
 
 
 class Sites:
@@ -291,7 +290,7 @@ class Sites:
         """The roles found, with a count and one example each, for error messages."""
         found = ", ".join(f"{r} ×{len(n)} (e.g. {n[0]})" for r, n in self.by_role.items())
         stacks = [_parent(s[0]) or "<root>" for s in self.stacks]
-        return (f"repeated blocks at {stacks or 'none found'}; roles found: {found or 'none'}")
+        return f"repeated blocks at {stacks or 'none found'}; roles found: {found or 'none'}"
 
     def find(self, target: str, linear: bool = False) -> list[str]:
         """Module names for a role or a module-name suffix; [] when nothing matches."""
