@@ -144,8 +144,13 @@ def shared(family):
 KNOWN = pytest.mark.xfail(raises=TypeError, strict=True, reason="UniPELT's adapter gate on OPT's flattened FFN rows")
 
 
+# test_modules.py already runs these kinds on tiny.BUILDERS' families: here they are the slow part
+COVERED = {*WEIGHT_KINDS, "prompt", "prefix"}
+
+
 def _families(kinds):
-    return [pytest.param(f, k, marks=[KNOWN] * (f == "opt" and "unipelt" in k))
+    return [pytest.param(f, k, marks=[KNOWN] * (f == "opt" and "unipelt" in k)
+                         + [pytest.mark.slow] * (f in tiny.BUILDERS and k in COVERED))
             for f in FAMILIES for k in kinds]
 
 
