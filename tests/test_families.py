@@ -140,17 +140,12 @@ def shared(family):
     return _BASES[family]
 
 
-# OPT runs its FFN on (B·n, d) rows; UniPELT's adapter gate (pelthub/routing/gates.py) expects (B, n, d)
-KNOWN = pytest.mark.xfail(raises=TypeError, strict=True, reason="UniPELT's adapter gate on OPT's flattened FFN rows")
-
-
 # test_modules.py already runs these kinds on tiny.BUILDERS' families: here they are the slow part
 COVERED = {*WEIGHT_KINDS, "prompt", "prefix"}
 
 
 def _families(kinds):
-    return [pytest.param(f, k, marks=[KNOWN] * (f == "opt" and "unipelt" in k)
-                         + [pytest.mark.slow] * (f in tiny.BUILDERS and k in COVERED))
+    return [pytest.param(f, k, marks=[pytest.mark.slow] * (f in tiny.BUILDERS and k in COVERED))
             for f in FAMILIES for k in kinds]
 
 
