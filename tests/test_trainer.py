@@ -115,3 +115,14 @@ def test_state_dict_holds_module_tensors_only_and_round_trips():
     torch.testing.assert_close(tiny.run(other, inputs), tiny.run(model, inputs), rtol=0, atol=0)
     with pytest.raises(ph.PeltError, match="does not match"):
         other.load_state_dict({**state, "base.extra": torch.zeros(1)})
+
+
+def test_trainer_asks_the_wrapped_model_what_it_would_ask_the_base(tmp_path):
+    """Whether Trainer passes `num_items_in_batch` (and rescales the loss) follows the base, also when it opts out."""
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    for base in (tiny.bert(), tiny.gpt2()):
+        bare = transformers.Trainer(model=base, args=args).model_accepts_loss_kwargs
+        assert transformers.Trainer(model=ph.attach(base, ph.LoRA(r=2)), args=args).model_accepts_loss_kwargs == bare
+    opted_out = tiny.llama()
+    opted_out.accepts_loss_kwargs = False
+    assert transformers.Trainer(model=ph.attach(opted_out, ph.LoRA(r=2)), args=args).model_accepts_loss_kwargs is False

@@ -9,6 +9,7 @@ base computes exactly what it computed before.
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 import weakref
 from contextlib import contextmanager, nullcontext
@@ -191,6 +192,13 @@ class ModularModel(nn.Module):
     @property
     def main_input_name(self) -> str:
         return getattr(self.base, "main_input_name", "input_ids")
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Trainer's question (does forward normalise the loss by `num_items_in_batch`?), answered as for the base."""
+        if hasattr(self.base, "accepts_loss_kwargs"):
+            return bool(self.base.accepts_loss_kwargs)
+        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(self.base.forward).parameters.values())
 
     def get_input_embeddings(self) -> nn.Module:
         return self.base.get_input_embeddings()
