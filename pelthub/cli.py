@@ -18,9 +18,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
-from . import __version__
 from .errors import ConfigError, PeltError
-from .registry import Card, Registry
+from .hub import Registry
+from .registry import Card
+from .version import __version__
 
 CELL = 40
 # Terminal control: C0/C1 controls (ESC starts ANSI sequences) and lone surrogates; newlines kept in output.

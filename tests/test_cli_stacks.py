@@ -10,6 +10,7 @@ import pelthub as ph
 from pelthub import cli
 from pelthub.hub import export
 from pelthub.model.modular import FrozenHeadWarning
+from pelthub.sites import Sites
 from tests import tiny
 from tests.hub_fixtures import local_hub  # noqa: F401  (pytest fixture)
 from tests.tiny import trained
@@ -59,7 +60,7 @@ def test_import_peft_with_base_when_the_adapter_names_an_unreachable_base(bert_f
     code, out, err = run(capsys, "import", str(folder), "--name", "x", "--base", str(bert_folder), "--json")
     assert code == 0, err
     want = ph.Registry().get("x").base_model["fingerprint"]["sha256"]
-    assert want == ph.model.Sites(tiny.bert()).fingerprint()["sha256"]
+    assert want == Sites(tiny.bert()).fingerprint()["sha256"]
     assert json.loads(out)["base_model"]["fingerprint"]["sha256"] == want
 
 

@@ -12,7 +12,7 @@ from transformers import DynamicCache, EncoderDecoderCache
 
 from ..errors import ConfigError
 from .compat import given_cache, self_attention_layers
-from .sites import Geometry
+from ..sites import Geometry
 
 
 def _ones(batch: int, length: int, like: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..model.sites import Sites
+from ..sites import Sites
 from .base import CallContext, PeltModule
 from .config import ModuleConfig, positive_int
 

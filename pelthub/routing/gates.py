@@ -38,7 +38,7 @@ import transformers
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
-from ..model.sites import Sites
+from ..sites import Sites
 from ..model.compat import self_attention_layers
 from ..modules.base import CallContext, CallState, Handle, PeltModule, site_key, site_name
 from ..modules.bottleneck import Bottleneck

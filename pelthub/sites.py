@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import SiteNotFoundError, UnsupportedModelError
+from .errors import SiteNotFoundError, UnsupportedModelError
 
 _BERT = {
     "q": r"attention\.self\.query", "k": r"attention\.self\.key", "v": r"attention\.self\.value",
@@ -172,7 +172,7 @@ class Sites:
             raise UnsupportedModelError(
                 f"{what} needs the {role!r} sites, which pelthub cannot find in model_type="
                 f"{self.model_type!r}. Supported families: {sorted(FAMILIES)}; for another model, "
-                f"add a pattern to pelthub.model.sites.FAMILIES[{self.model_type!r}]"
+                f"add a pattern to pelthub.sites.FAMILIES[{self.model_type!r}]"
             )
         return self._match_role(role)
 
