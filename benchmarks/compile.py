@@ -40,7 +40,7 @@ class Counting:
 
 def case(kind: str, batch: int, length: int, repeats: int) -> dict[str, Any]:
     torch._dynamo.reset()
-    model = ph.compose(minilm_classifier(), CASES[kind]()).eval()
+    model = ph.compose(minilm_classifier(), CASES[kind](), head=True).eval()  # head=True: its own (random) head
     with torch.no_grad():
         for _, p in model.module_parameters():
             p.add_(torch.randn_like(p) * 0.02)

@@ -1,6 +1,6 @@
 """torch.compile on a model with modules: the same outputs as eager, compiled once for fixed shapes.
 
-    python examples/compile.py           # the real MiniLM, offline, inductor (TIME_REAL on 2 cores)
+    python examples/compile.py           # the real MiniLM, inductor (~3 min: 172 s on 2 shared cores, load 13-17)
     python examples/compile.py --tiny    # a tiny random BERT, dynamo only (backend "eager"; seconds; for tests)
 
 A LoRA and a Poly model (two tasks, a mixed batch) are compiled with `torch.compile(model)`.
