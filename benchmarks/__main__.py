@@ -2,7 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python -m benchmarks [--quick] [--only NAME ...]
 
-NAME is a module of benchmarks/: modules, poly, attempt, unipelt, registry, transfer (those
+NAME is a module of benchmarks/: modules, poly, attempt, unipelt, registry, transfer, compile (those
 present run, in that order). The modules are invoked in two ways (the only glue here):
 
 - a module with `run(quick)` returning its table rows (dicts) is called in-process; its rows
@@ -30,7 +30,7 @@ from typing import Any
 
 from benchmarks.common import load_average, print_table
 
-NAMES = ("modules", "poly", "attempt", "unipelt", "registry", "transfer")
+NAMES = ("modules", "poly", "attempt", "unipelt", "registry", "transfer", "compile")
 HERE = Path(__file__).resolve().parent
 COLUMNS = [("benchmark", "benchmark"), ("case", "case"), ("ratio", "ratio"), ("target", "target"),
            ("meets", "meets")]

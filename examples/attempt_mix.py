@@ -1,6 +1,6 @@
 """ATTEMPT: solve a new task with an input-dependent attention mixture of trained source prompts.
 
-    python examples/attempt_mix.py           # the real MiniLM, offline (about a minute on 2 cores)
+    python examples/attempt_mix.py           # the real MiniLM, offline (~4.5 min: 271 s on 2 shared cores, load 12)
     python examples/attempt_mix.py --tiny    # a tiny random BERT built from a config (seconds; for tests)
 
 Two source prompts are trained by plain prompt tuning (movie reviews, news topics); then

@@ -1,6 +1,6 @@
 """Poly / MHR: one set of LoRA skills routed per task, trained on mixed-task batches.
 
-    python examples/poly_multitask.py            # the real MiniLM, offline (about a minute on 2 cores)
+    python examples/poly_multitask.py            # the real MiniLM, offline (~6 min: 339 s on 2 shared cores, load 14)
     python examples/poly_multitask.py --tiny     # a tiny random BERT built from a config (seconds; for tests)
 
 Shows: mixed-task batches carrying `task_ids`, optimizer groups with their own routing

@@ -1,6 +1,6 @@
 """Quickstart: train a soft prompt on a built-in task, keep it in the registry, load it back.
 
-    python examples/quickstart.py           # the real MiniLM, offline (about a minute on 2 cores)
+    python examples/quickstart.py           # the real MiniLM, offline (~3 min: 193 s on 2 shared cores, load 6-12)
     python examples/quickstart.py --tiny    # a tiny random BERT built from a config (seconds; for tests)
 
 The registry lives in $PELTHUB_HOME when set, else in a temporary folder that is removed at the end.

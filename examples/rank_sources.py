@@ -1,6 +1,6 @@
 """Rank candidate source prompts for a new task, then start its prompt from the best one (SPoT).
 
-    python examples/rank_sources.py           # the real MiniLM, offline (about a minute on 2 cores)
+    python examples/rank_sources.py           # the real MiniLM, offline (~8 min: 491 s on 2 shared cores, load 12-15)
     python examples/rank_sources.py --tiny    # a tiny random BERT built from a config (seconds; for tests)
 
 Three source prompts are trained and kept in a registry. For the target task (a few

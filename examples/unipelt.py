@@ -1,6 +1,6 @@
 """UniPELT: LoRA, prefix tuning and an adapter in one model, each behind a learned gate.
 
-    python examples/unipelt.py           # the real MiniLM, offline (under a minute on 2 cores)
+    python examples/unipelt.py           # the real MiniLM, offline (~2.5 min: 151 s on 2 shared cores, load 12)
     python examples/unipelt.py --tiny    # a tiny random BERT built from a config (seconds; for tests)
 
 Every submodule instance has a gate g ∈ (0, 1) computed from its input, so the model

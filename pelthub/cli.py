@@ -18,9 +18,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
-from .errors import PeltError
+from .errors import ConfigError, PeltError
 from .hub import Registry
 from .registry import Card
+from .version import __version__
 
 CELL = 40
 # Terminal control: C0/C1 controls (ESC starts ANSI sequences) and lone surrogates; newlines kept in output.
@@ -81,6 +82,19 @@ def registry(args: argparse.Namespace) -> Registry:
     return Registry(args.registry)
 
 
+def model_path(value: str, flag: str) -> bool:
+    """Whether `value` names a local model folder; a path-like value that is no folder is a one-line error.
+
+    Anything else (e.g. `org/name`) is left to be read as a Hub id or a model name.
+    """
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return True
+    if path.exists() or value.startswith(("/", "./", "../", "~", ".\\")) or value in (".", ".."):
+        raise ConfigError(f"{flag} {value}: no such model folder; pass a folder holding config.json, or a Hub id")
+    return False
+
+
 # ----- subcommands -----
 def _list_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all", action="store_true", help="every version, not only the latest of each name")
@@ -97,7 +111,8 @@ def _list(args: argparse.Namespace) -> int:
 def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", nargs="?", help="words to find in names, descriptions, tasks, tags")
     p.add_argument("--kind", help="module kind, e.g. lora or prompt")
-    p.add_argument("--base", help="base model name or architecture fingerprint (sha256)")
+    p.add_argument("--base", help="base model: a folder (its config gives the fingerprint, as for `rank`), a name, "
+                                  "or an architecture fingerprint (sha256)")
     p.add_argument("--task")
     p.add_argument("--tag", action="append", default=[], help="required tag (repeat for several)")
     p.add_argument("--compatible-only", action="store_true", help="with --base: same fingerprint only")
@@ -105,7 +120,11 @@ def _search_args(p: argparse.ArgumentParser) -> None:
 
 
 def _search(args: argparse.Namespace) -> int:
-    cards = registry(args).search(kind=args.kind, base_model=args.base, task=args.task, tags=args.tag,
+    base = args.base
+    if base is not None and model_path(base, "--base"):
+        from .hub.peft import weightless_base
+        base = weightless_base(base)  # a weightless copy: the fingerprint and name rank would use
+    cards = registry(args).search(kind=args.kind, base_model=base, task=args.task, tags=args.tag,
                                   text=args.text, compatible_only=args.compatible_only, limit=args.limit)
     emit(args, [card_json(c) for c in cards], card_table(cards))
     return 0
@@ -179,6 +198,7 @@ def _rank_args(p: argparse.ArgumentParser) -> None:
 
 
 def _rank(args: argparse.Namespace) -> int:
+    model_path(args.base, "--base")
     return int(importlib.import_module("pelthub.transfer.cli").run(args))
 
 
@@ -187,6 +207,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if getattr(args, "model", None) is not None:
+        model_path(args.model, "--model")
     demo = importlib.import_module("pelthub.demo")  # heavy (models, data): only when asked for
     return int(demo.main(args) or 0)
 
@@ -252,6 +274,8 @@ def _import_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a PEFT adapter folder or Hub repo id, or a pelthub module folder")
     p.add_argument("--name", help="registry name (default: from the folder or repo name)")
     p.add_argument("--task", help="task the module was trained on")
+    p.add_argument("--base", help="the base model (folder or Hub id; only its config is read) when the adapter's "
+                                  "base_model_name_or_path is missing or not reachable here")
     p.add_argument("--revision", help="branch, tag or commit sha of a Hub repo")
     _endpoint_arg(p)
 
@@ -261,11 +285,16 @@ def _import(args: argparse.Namespace) -> int:
     from .model.io import CONFIG_FILE
     reg = registry(args)
     source = Path(args.source)
+    if args.base is not None:
+        model_path(args.base, "--base")
     if (source / CONFIG_FILE).is_file():  # already pelthub's format
+        if args.base is not None:
+            raise ConfigError(f"{source} is a pelthub module, whose pelthub.json already records its base model; "
+                              "leave out --base")
         ref = reg.add(source, name=args.name or source.resolve().name, task=args.task)
     else:
-        ref = import_peft(args.source, registry=reg, name=args.name, task=args.task, revision=args.revision,
-                          endpoint=args.endpoint, timeout=args.timeout)
+        ref = import_peft(args.source, registry=reg, name=args.name, base=args.base, task=args.task,
+                          revision=args.revision, endpoint=args.endpoint, timeout=args.timeout)
     emit(args, card_json(reg.get(ref)), f"imported {args.source} as {ref}")
     return 0
 
@@ -330,6 +359,7 @@ def parser() -> argparse.ArgumentParser:
                                                            "~/.cache/pelthub)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
     top = argparse.ArgumentParser(prog="pelthub", description="Reusable parameter-efficient modules.")
+    top.add_argument("--version", action="version", version=f"pelthub {__version__}")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help, parents=[common])

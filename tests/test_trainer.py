@@ -36,8 +36,24 @@ def trainer(model, tmp_path, **args):
 
 
 CONFIGS = {"lora": ph.LoRA(r=2), "prompt": ph.Prompt(length=2), "ia3": ph.IA3(),
+           "bottleneck": ph.Bottleneck(reduction=4), "compacter": ph.Compacter(reduction=4),
+           "prefix": ph.Prefix(length=2), "ln": ph.LNTuning(),
            "poly": ph.Poly(tasks=("a", "b"), skills=2, rank=2),
-           "unipelt": ph.UniPELT(lora=ph.LoRA(r=2), adapter=ph.Bottleneck(reduction=4))}
+           "unipelt": ph.UniPELT(lora=ph.LoRA(r=2), adapter=ph.Bottleneck(reduction=4)),
+           "attempt": ph.AttentionMix([torch.randn(2, 32, generator=torch.Generator().manual_seed(s)) for s in range(2)],
+                                      target=ph.Prompt(length=2), tasks=("a", "b"))}
+
+
+def loss_on(model, data):
+    """The mean loss over `data` in eval mode, computed here (not by Trainer)."""
+    batch = {k: torch.stack([r[k] for r in data]) if k != "task_ids" else torch.tensor([r[k] for r in data])
+             for k in data[0]}
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        loss = model(**batch).loss.item()
+    model.train(was)
+    return loss
 
 
 @pytest.mark.slow
@@ -47,9 +63,13 @@ def test_trainer_with_defaults_trains_only_the_modules_and_sees_masks_and_task_i
     base_before = {k: v.clone() for k, v in model.base.state_dict().items()}
     seen = []
     model.base.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
-    t = trainer(model, tmp_path)
+    before, start = loss_on(model, rows()), {n: p.clone() for n, p in model.module_parameters() if p.requires_grad}
+    t = trainer(model, tmp_path, learning_rate=1e-2)  # only the step size is not a default: 6 steps must show
     result = t.train()
     assert result.training_loss > 0
+    assert all(not torch.equal(p, start[n]) for n, p in model.module_parameters() if p.requires_grad)
+    if kind != "prompt":  # 2 prompt tokens on a random 2-layer BERT leave the loss at chance (0.6932 -> 0.6934)
+        assert loss_on(model, rows()) < before  # the loss fell
     assert all(m is not None for m in seen)  # Trainer kept the attention mask (it drops unnamed columns)
     assert any((m == 0).any() for m in seen)
     for k, v in model.base.state_dict().items():
@@ -95,3 +115,14 @@ def test_state_dict_holds_module_tensors_only_and_round_trips():
     torch.testing.assert_close(tiny.run(other, inputs), tiny.run(model, inputs), rtol=0, atol=0)
     with pytest.raises(ph.PeltError, match="does not match"):
         other.load_state_dict({**state, "base.extra": torch.zeros(1)})
+
+
+def test_trainer_asks_the_wrapped_model_what_it_would_ask_the_base(tmp_path):
+    """Whether Trainer passes `num_items_in_batch` (and rescales the loss) follows the base, also when it opts out."""
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    for base in (tiny.bert(), tiny.gpt2()):
+        bare = transformers.Trainer(model=base, args=args).model_accepts_loss_kwargs
+        assert transformers.Trainer(model=ph.attach(base, ph.LoRA(r=2)), args=args).model_accepts_loss_kwargs == bare
+    opted_out = tiny.llama()
+    opted_out.accepts_loss_kwargs = False
+    assert transformers.Trainer(model=ph.attach(opted_out, ph.LoRA(r=2)), args=args).model_accepts_loss_kwargs is False

@@ -7,10 +7,10 @@ import pelthub as ph
 from pelthub.tiny import BUILDERS, FAMILIES, VOCAB, batch, bert, family, gpt2, llama, perturb, roberta, t5  # noqa: F401
 
 
-def run(model, inputs) -> torch.Tensor:
-    """Logits without autograd (some kernels differ in the last bits with and without it)."""
+def run(model, inputs, **kw) -> torch.Tensor:
+    """Logits without autograd (some kernels differ in the last bits with and without it); `kw` e.g. task_ids."""
     with torch.no_grad():
-        return model(**inputs).logits
+        return model(**inputs, **kw).logits
 
 
 def trained(cfg, seed: int = 0, base=None, name: str = "tiny/bert"):

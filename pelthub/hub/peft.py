@@ -198,13 +198,14 @@ def from_peft(source: str | os.PathLike, base: nn.Module, name: str = "default",
 
 
 def import_peft(source: str | os.PathLike, registry: Registry | None = None, name: str | None = None,
-                base: nn.Module | None = None, task: str | None = None, tags: Iterable[str] | str | None = None,
+                base: nn.Module | str | None = None, task: str | None = None, tags: Iterable[str] | str | None = None,
                 revision: str | None = None, endpoint: str | None = None, token: str | None = None,
                 tasks: Iterable[str] | None = None, timeout: float | None = None) -> str:
     """Register a PEFT adapter (folder or Hub repo id) in the registry; returns its ref.
 
     The registry records the base model's architecture fingerprint: from
-    `base` if given, else from a weightless copy of `base_model_name_or_path`
+    `base` if given (a model, or a folder / Hub id whose config builds a
+    weightless copy), else from a weightless copy of `base_model_name_or_path`
     built from its config (a local path, or a Hub id read from HF_ENDPOINT).
     """
     with read_peft(source, revision, endpoint, token, timeout) as adapter:
@@ -315,24 +316,38 @@ def _load(module: nn.Module, tensors: Tensors, what: str) -> None:
                                 f"({str(e).splitlines()[-1].strip()[:200]}); pass the base it was trained on") from None
 
 
-def _base_for(adapter: PeftAdapter, base: nn.Module | None, token: str | None,
+def _base_for(adapter: PeftAdapter, base: nn.Module | str | None, token: str | None,
               timeout: float | None = None) -> nn.Module:
-    """`base` itself, or a weightless (meta-device) copy of the adapter's base model, built from its config."""
-    if base is not None:
+    """`base` itself, or a weightless copy of `base` (a name) or of the adapter's base model, built from its config."""
+    if isinstance(base, nn.Module):
         return base.base if isinstance(base, ModularModel) else base
     cfg = adapter.config
-    name = cfg.get("base_model_name_or_path")
+    name = base or cfg.get("base_model_name_or_path")
     if not name:
         raise ConfigError("this PEFT adapter does not name its base model; pass base= (the model it was trained on)")
-    cls = getattr(transformers, TASK_CLASSES.get(cfg.get("task_type") or "", "AutoModel"))
+    revision = None if base else cfg.get("revision")
+    return weightless_base(name, TASK_CLASSES.get(cfg.get("task_type") or "", "AutoModel"), revision, token, timeout)
+
+
+def weightless_base(name: str, cls: str = "AutoModel", revision: str | None = None, token: str | None = None,
+                    timeout: float | None = None) -> nn.Module:
+    """A meta-device model built from the config at `name` (a folder or Hub id): its architecture, no weights.
+
+    Enough for the architecture fingerprint the registry records and searches by. With no
+    class asked for (`AutoModel`), the checkpoint's own class (`config.architectures`) is
+    built, so module names match those of the model as it was saved.
+    """
     try:
         with bounded(timeout):
-            config = transformers.AutoConfig.from_pretrained(name, revision=cfg.get("revision"), token=token)
+            config = transformers.AutoConfig.from_pretrained(name, revision=revision, token=token)
+        saved = (getattr(config, "architectures", None) or [""])[0]
         with torch.device("meta"):
-            return cls.from_config(config)
+            if cls == "AutoModel" and saved and hasattr(transformers, saved):
+                return getattr(transformers, saved)(config)
+            return getattr(transformers, cls).from_config(config)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read the config of base model {name!r} ({str(e).splitlines()[0][:160]}); pass "
-                          "base= (the model the adapter was trained on)") from None
+                          "base= (--base on the command line): the model, folder or Hub id it was trained on") from None
 
 
 def _safe_name(name: str) -> str:

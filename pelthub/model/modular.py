@@ -9,6 +9,7 @@ base computes exactly what it computed before.
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 import weakref
 from contextlib import contextmanager, nullcontext
@@ -111,6 +112,8 @@ class ModularModel(nn.Module):
                 self.remove(name)
                 self.task_names = previous_tasks
                 raise
+        elif init and not self.heads:  # loading saved modules (init=False) is not where a head is chosen
+            warn_if_random_head(self.base)
         return self
 
     def _add_head(self, name: str, head: bool | str) -> None:
@@ -193,6 +196,13 @@ class ModularModel(nn.Module):
     @property
     def main_input_name(self) -> str:
         return getattr(self.base, "main_input_name", "input_ids")
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Trainer's question (does forward normalise the loss by `num_items_in_batch`?), answered as for the base."""
+        if hasattr(self.base, "accepts_loss_kwargs"):
+            return bool(self.base.accepts_loss_kwargs)
+        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(self.base.forward).parameters.values())
 
     def get_input_embeddings(self) -> nn.Module:
         return self.base.get_input_embeddings()
@@ -387,6 +397,25 @@ def warn_if_wrapped(base: nn.Module) -> None:
                       "whose hooks would run too. Add to that model instead (ph.attach(model, ...) or "
                       "ph.compose(model, ...)), call .detach() on it first, or load a fresh base",
                       StackedHooksWarning, stacklevel=3)
+
+
+class FrozenHeadWarning(UserWarning):
+    """A classification head that was never trained stays frozen: the model would train modules behind a random head."""
+
+
+def warn_if_random_head(base: nn.Module) -> None:
+    """Warn when the base's task head was not loaded from a checkpoint and `head=True` was not passed.
+
+    transformers records the class a checkpoint was saved from in `config.architectures`: a
+    head class missing there (or a model built from a config) has a freshly initialised head.
+    """
+    heads = [n for n in HEAD_NAMES[:-1] if n in dict(base.named_children())]  # lm_head: tied or pretrained
+    loaded_as = getattr(base.config, "architectures", None) or []
+    if heads and type(base).__name__ not in loaded_as and next(base.parameters()).device.type != "meta":
+        source = f"the checkpoint holds {loaded_as}" if loaded_as else "the model was built from a config"
+        warnings.warn(f"{type(base).__name__}.{heads[0]} was not loaded from a checkpoint ({source}): it holds "
+                      f"random weights and stays frozen. Pass head=True to train a copy of it with the modules",
+                      FrozenHeadWarning, stacklevel=4)
 
 
 def _provides(module: nn.Module, method: str) -> bool:

@@ -24,6 +24,9 @@ class LoRA(ModuleConfig):
     """Config of a LoRA module.
 
     r: rank of the update. alpha: scale numerator (update scaled by alpha / r).
+    The defaults r=8, alpha=16 give scale 2, twice PEFT's (LoraConfig's r=8,
+    lora_alpha=8: scale 1); pass alpha=r for PEFT's scale. Exports to PEFT
+    write the alpha used, so a module keeps its outputs either way.
     dropout: dropout on the LoRA input. targets: site roles ("q", "k", "v", "o",
     "up", "down", "gate", "qkv") or module-name suffixes; None = the family's
     attention query and value projections (GPT-2: the fused c_attn).
