@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
 from ..sites import Sites
-from .base import CallContext, Handle, PeltModule, add_to_output, site_key, site_name
+from .base import CallContext, Handle, PeltModule, add_to_output, site_key
 from .config import ModuleConfig, one_of, positive_int, positive_number
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
