@@ -1,0 +1,127 @@
+"""Per-example module selection (PerTask, adapter_names, hard Poly) against each example run alone.
+
+Reference: example i run by itself on a fresh copy of the base carrying only its own modules (the
+weights copied), or the bare base for "__base__". Mixed batches take the gathered path, one-task
+batches the single path; both are checked.
+"""
+import pytest
+import torch
+
+import pelthub as ph
+from pelthub.errors import RoutingError
+from pelthub.model import ModularModel
+from pelthub.routing.tasks import PerTask, per_task_module
+from tests import tiny
+from tests.tiny import perturb, run
+
+KINDS = {
+    "lora": [ph.LoRA(r=2, targets=("q", "k", "v", "o", "up", "down"))],
+    "ia3": [ph.IA3()],
+    "bottleneck": [ph.Bottleneck(reduction=4)],
+    "houlsby": [ph.Bottleneck(reduction=4, placement="houlsby", activation="gelu")],
+    "parallel": [ph.Bottleneck(reduction=8, placement="parallel", scale=2.0)],
+    "compacter": [ph.Compacter(n=2, reduction=4)],
+    "ln": [ph.LNTuning()],
+    "mixed": [ph.LoRA(r=2, targets=("q", "v", "up")), ph.IA3(), ph.Bottleneck(reduction=4)],
+}
+IDS = [2, 0, 1, 2, 1]
+
+
+def alone(modules, inputs, i):
+    """Example i run by itself on a fresh base with only `modules` ({kind: module}) attached."""
+    ref = ModularModel(tiny.bert())
+    if modules:
+        ref.add("only", [m.config for m in modules.values()], init=False)
+        for kind, m in modules.items():
+            ref.adapters["only"][kind].load_state_dict(m.state_dict())
+    return run(ref.eval(), {k: v[i:i + 1] for k, v in inputs.items()})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_per_task_equals_each_example_alone(kind):
+    model = ph.compose(tiny.bert(), PerTask(tuple(KINDS[kind]), tasks=["a", "b", "c"])).eval()
+    perturb(model, scale=0.3)
+    module = per_task_module(model)
+    inputs = tiny.batch("bert", b=5)
+    for ids in (IDS, [1] * 5):  # gathered, then single
+        got = run_ids(model, inputs, torch.tensor(ids))
+        want = torch.cat([alone(dict(module.tasks[t]), inputs, i) for i, t in enumerate(ids)])
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def run_ids(model, inputs, ids):
+    with torch.no_grad():
+        return model(**inputs, task_ids=ids).logits
+
+
+def plain_sets():
+    """A model with sets a (LoRA), b (IA3 + LoRA), c (bottleneck), d (LN), each moved off its start."""
+    model = ModularModel(tiny.bert())
+    model.add("a", [ph.LoRA(r=2, targets=("q", "v", "down"))])
+    model.add("b", [ph.LoRA(r=4, alpha=4.0), ph.IA3()])
+    model.add("c", [ph.Bottleneck(reduction=4)])
+    model.add("d", [ph.LNTuning()])
+    perturb(model.eval(), scale=0.3)
+    return model
+
+
+def test_adapter_names_equals_each_example_alone_and_plain_calls_are_unchanged():
+    model = plain_sets()
+    inputs = tiny.batch("bert", b=6)
+    before = run(model, inputs)  # every set at once (Stack)
+    names = ["c", "a", "__base__", "b", "d", "a"]
+    with torch.no_grad():
+        got = model(**inputs, adapter_names=names).logits
+    want = torch.cat([alone(dict(model.adapters[n]) if n != "__base__" else {}, inputs, i)
+                      for i, n in enumerate(names)])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(run(model, inputs), before, rtol=0, atol=0)  # the bank stands aside
+
+
+def test_set_adapter_runs_one_set_alone_until_reset():
+    model = plain_sets()
+    inputs = tiny.batch("bert", b=3)
+    before = run(model, inputs)
+    model.set_adapter("b")
+    want = torch.cat([alone(dict(model.adapters["b"]), inputs, i) for i in range(3)])
+    torch.testing.assert_close(run(model, inputs), want, rtol=0, atol=1e-6)
+    model.set_adapter(None)
+    torch.testing.assert_close(run(model, inputs), before, rtol=0, atol=0)
+    with pytest.raises(RoutingError, match="no module set"):
+        model.set_adapter("zz")
+
+
+def test_adapter_names_sees_new_sets_and_detach_is_exact():
+    model = plain_sets()
+    inputs = tiny.batch("bert", b=2)
+    with torch.no_grad():
+        model(**inputs, adapter_names=["a", "b"])
+    model.add("e", [ph.IA3()])
+    perturb(model, seed=3, scale=0.3)
+    with torch.no_grad():
+        got = model(**inputs, adapter_names=["e", "a"]).logits
+    want = torch.cat([alone(dict(model.adapters[n]), inputs, i) for i, n in enumerate(["e", "a"])])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    with pytest.raises(RoutingError, match="unknown module sets"):
+        model(**inputs, adapter_names=["a", "nope"])
+    base = model.detach()
+    torch.testing.assert_close(run(base, inputs), run(tiny.bert(), inputs), rtol=0, atol=0)
+
+
+def test_adapter_names_refuses_prompt_sets():
+    model = ModularModel(tiny.bert())
+    model.add("a", [ph.LoRA(r=2)])
+    model.add("p", [ph.Prompt(length=2)])
+    with pytest.raises(RoutingError, match="prompts"):
+        model(**tiny.batch("bert", b=2), adapter_names=["a", "p"])
+
+
+def test_hard_poly_mixed_and_single_batches_equal_each_task_lora():
+    loras = [tiny.trained(ph.LoRA(r=2, targets=("q", "v", "o", "up", "down")), seed=s) for s in range(3)]
+    model = ph.compose(tiny.bert(), ph.Poly.from_modules(loras, tasks=["x", "y", "z"])).eval()
+    inputs = tiny.batch("bert", b=5)
+    for ids in (IDS, [0] * 5):
+        with torch.no_grad():
+            got = model(**inputs, task_ids=torch.tensor(ids)).logits
+        want = torch.cat([alone(dict(loras[t].adapters["default"]), inputs, i) for i, t in enumerate(ids)])
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
