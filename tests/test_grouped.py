@@ -125,3 +125,23 @@ def test_hard_poly_mixed_and_single_batches_equal_each_task_lora():
             got = model(**inputs, task_ids=torch.tensor(ids)).logits
         want = torch.cat([alone(dict(loras[t].adapters["default"]), inputs, i) for i, t in enumerate(ids)])
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_compiled_adapter_names_as_indices_do_not_recompile_per_composition():
+    from tests.test_compile import Counting
+    torch._dynamo.reset()
+    model = ModularModel(tiny.bert())
+    model.add("a", [ph.LoRA(r=2)])
+    model.add("b", [ph.IA3()])
+    perturb(model.eval(), scale=0.3)
+    inputs = tiny.batch("bert", b=4)
+    backend = Counting()
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        for i, ids in enumerate([[0, 1, 2, 0], [1, 1, 0, 2], [2, 2, 2, 2], [0, 0, 0, 0]]):
+            names = [["a", "b", "__base__"][j] for j in ids]  # indices of the sets, in order, then the base
+            torch.testing.assert_close(compiled(**inputs, adapter_names=torch.tensor(ids)).logits,
+                                       model(**inputs, adapter_names=names).logits, rtol=1e-5, atol=1e-5)
+            if i == 0:
+                after_first = backend.graphs
+    assert backend.graphs == after_first > 0

@@ -1,0 +1,240 @@
+"""Many task LoRAs in one batch: inference and training against the base, PEFT and the FLOP limit.
+
+    OMP_NUM_THREADS=2 python -m benchmarks.grouped            # batches 64x64 and 8x512, 1/16/64/256 LoRAs
+    OMP_NUM_THREADS=2 python -m benchmarks.grouped --quick    # 64x64 only, 1/16/64 LoRAs, fewer repeats
+
+MiniLM geometry (BERT, hidden 384, 6 layers, FFN 1536), random weights, eval. Every LoRA has r = 8 on
+every linear layer of the encoder (query, key, value, attention output, FFN up and down), random B.
+
+1. Inference, one forward of a batch whose examples cycle through N distinct LoRAs:
+   - base: the bare model;
+   - hard Poly: `Poly.from_modules(loras)` (the LoRAs stacked once; a one-task batch runs as a plain LoRA,
+     a mixed one gathers each example's A, B into one fused bmm per site);
+   - adapter_names: N plain module sets (`model.add`), `model(..., adapter_names=...)` (stacked per call);
+   - PEFT `adapter_names` on the same weights (outputs checked equal);
+   - FLOP limit: 1 + LoRA FLOPs / base FLOPs (matmuls only), what a perfect kernel would cost.
+   Memory: the forward's peak above what is resident before it (Linux VmHWM after clear_refs), and the
+   module weights the contender holds.
+2. Training step (forward, backward, AdamW) on one batch: one LoRA; N task LoRAs at once (`PerTask`,
+   example i trains task i mod N, loss = sum of task means); N sequential PEFT runs (each steps on its
+   own task's examples of the batch). Examples per second of each.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import re
+from typing import Any, Callable
+
+import torch
+from torch.nn import functional as F
+from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+try:
+    from . import common
+except ImportError:  # run as a script
+    import common  # type: ignore[no-redef]
+
+import pelthub as ph
+from pelthub.model import ModularModel
+from pelthub.routing.tasks import PerTask, sum_of_task_means
+from pelthub.sites import Sites
+
+MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+              intermediate_size=1536, max_position_embeddings=512)
+RANK = 8
+TARGETS = ("q", "k", "v", "o", "up", "down")
+PEFT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+LORA = ph.LoRA(r=RANK, alpha=16.0, targets=TARGETS)
+
+
+def random_loras(base: torch.nn.Module, n: int) -> list[Any]:
+    sites, loras = Sites(base), []
+    for _ in range(n):
+        lora = LORA.build(base, sites)
+        with torch.no_grad():
+            for layer in lora.layers.values():
+                layer.lora_b.normal_(0.0, 0.02)
+        loras.append(lora)
+    return loras
+
+
+def plain_sets(base: torch.nn.Module, loras: list[Any]) -> ModularModel:
+    model = ModularModel(base)
+    for i, lora in enumerate(loras):
+        model.add(f"t{i}", [LORA], init=False)
+        model.adapters[f"t{i}"]["lora"].load_state_dict(lora.state_dict())
+    return model.eval()
+
+
+def peft_mixed(base: torch.nn.Module, loras: list[Any]) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+    cfg = LoraConfig(r=RANK, lora_alpha=16, target_modules=PEFT_TARGETS)
+    model = get_peft_model(base, cfg, adapter_name="t0")
+    for i in range(1, len(loras)):
+        model.add_adapter(f"t{i}", cfg)
+    with torch.no_grad():
+        for i, lora in enumerate(loras):
+            for key, layer in lora.layers.items():
+                target = model.base_model.model.get_submodule(key.replace("-", "."))
+                target.lora_A[f"t{i}"].weight.copy_(layer.lora_a)
+                target.lora_B[f"t{i}"].weight.copy_(layer.lora_b)
+    return model.eval()
+
+
+def flop_limit(base: torch.nn.Module, length: int) -> float:
+    """1 + (LoRA matmul FLOPs) / (base matmul FLOPs) per token, attention scores included."""
+    sites = Sites(base)
+    linear = sum(m.in_features * m.out_features for n, m in sites.names.items()
+                 if isinstance(m, torch.nn.Linear) and ".encoder." in f".{n}")
+    g = sites.geometry
+    attention = g.layers * 2 * length * g.hidden
+    lora = sum(RANK * (m.in_features + m.out_features) for found in sites.resolve(TARGETS, linear=True).values()
+               for m in (sites.names[n] for n in found))
+    return 1.0 + lora / (linear + attention)
+
+
+def peak_mb(fn: Callable[[], Any]) -> float:
+    """MB the call adds to the process's resident peak (Linux: VmHWM reset by clear_refs)."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status("VmRSS")
+    fn()
+    return (_status("VmHWM") - before) / 1024
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+def module_mb(model: torch.nn.Module, base: torch.nn.Module) -> float:
+    own = {id(p) for p in base.parameters()}
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in own) / 2**20
+
+
+def inference(batch: int, length: int, counts: list[int], repeats: int, clock: str) -> list[dict[str, Any]]:
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(**MINILM)).eval()
+    ids = torch.randint(1000, 30000, (batch, length))
+    mask = torch.ones_like(ids)
+    fns: dict[str, Callable[[], Any]] = {"base": lambda: base(input_ids=ids, attention_mask=mask)}
+    notes, weights = {}, {"base": 0.0}
+    for n in counts:
+        loras = random_loras(base, n)
+        tasks = [f"t{i}" for i in range(n)]
+        names = [tasks[i % n] for i in range(batch)]
+        routed = ph.compose(copy.deepcopy(base), ph.Poly.from_modules(loras, tasks=tasks)).eval()
+        sets = plain_sets(copy.deepcopy(base), loras)
+        peft = peft_mixed(copy.deepcopy(base), loras)
+        task_ids = torch.arange(batch) % n
+        fns[f"hard-{n}"] = lambda m=routed, t=task_ids: m(input_ids=ids, attention_mask=mask, task_ids=t)
+        fns[f"sets-{n}"] = lambda m=sets, t=names: m(input_ids=ids, attention_mask=mask, adapter_names=t)
+        fns[f"peft-{n}"] = lambda m=peft, t=names: m(input_ids=ids, attention_mask=mask, adapter_names=t)
+        weights.update({f"hard-{n}": module_mb(routed, routed.base), f"sets-{n}": module_mb(sets, sets.base),
+                        f"peft-{n}": module_mb(peft, base)})
+        with torch.inference_mode():
+            ref = fns[f"peft-{n}"]().last_hidden_state
+            notes[n] = max(float((fns[f"{w}-{n}"]().last_hidden_state - ref).abs().max()) for w in ("hard", "sets"))
+    with torch.inference_mode():
+        peaks = {name: peak_mb(fn) for name, fn in fns.items()}
+        ms = common.summary(common.interleaved(fns, repeats, 2, clock))
+    b = ms["base"]["median"]
+    limit = flop_limit(base, length)
+    rows = [{"case": f"base forward {batch}x{length}", **ms["base"], "ratio": 1.0, "peak": peaks["base"],
+             "weights": 0.0}]
+    labels = {"hard": "pelthub hard Poly", "sets": "pelthub adapter_names (plain sets)", "peft": "PEFT adapter_names"}
+    for n in counts:
+        for who, label in labels.items():
+            t = ms[f"{who}-{n}"]
+            rows.append({"case": f"{label}, {n} LoRAs", **t, "ratio": t["median"] / b, "peak": peaks[f"{who}-{n}"],
+                         "weights": weights[f"{who}-{n}"],
+                         "note": f"max diff to PEFT {notes[n]:.1e}" if who == "peft" else ""})
+    rows.append({"case": "FLOP limit (matmuls)", "ratio": limit})
+    return rows
+
+
+def training(batch: int, length: int, tasks: int, repeats: int, clock: str) -> list[dict[str, Any]]:
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(BertConfig(**MINILM, num_labels=2)).eval()  # no dropout: same math
+    inputs = common.make_batch(batch, length)
+    labels = inputs.pop("labels")
+    task_ids = torch.arange(batch) % tasks
+
+    one = ph.attach(copy.deepcopy(base), LORA)
+    one_opt = torch.optim.AdamW([p for p in one.parameters() if p.requires_grad], lr=1e-4)
+    many = ph.compose(copy.deepcopy(base), PerTask(LORA, tasks=tasks))
+    many_opt = torch.optim.AdamW([p for p in many.parameters() if p.requires_grad], lr=1e-4)
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=RANK, lora_alpha=16, target_modules=PEFT_TARGETS),
+                          adapter_name="t0")
+    for t in range(1, tasks):
+        peft.add_adapter(f"t{t}", LoraConfig(r=RANK, lora_alpha=16, target_modules=PEFT_TARGETS))
+    peft_opts = [torch.optim.AdamW([p for n, p in peft.named_parameters() if f".t{t}." in n], lr=1e-4)
+                 for t in range(tasks)]
+    rows_of = [task_ids == t for t in range(tasks)]
+
+    def step_one() -> None:
+        F.cross_entropy(one(**inputs).logits, labels).backward()
+        one_opt.step()
+        one_opt.zero_grad(set_to_none=True)
+
+    def step_many() -> None:
+        losses = F.cross_entropy(many(**inputs, task_ids=task_ids).logits, labels, reduction="none")
+        sum_of_task_means(losses, task_ids).backward()
+        many_opt.step()
+        many_opt.zero_grad(set_to_none=True)
+
+    def step_peft_runs() -> None:
+        for t, (rows, opt) in enumerate(zip(rows_of, peft_opts)):  # N separate runs, one after another
+            peft.set_adapter(f"t{t}")
+            part = {k: v[rows] for k, v in inputs.items()}
+            F.cross_entropy(peft(**part).logits, labels[rows]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    fns = {"one": step_one, "many": step_many, "peft": step_peft_runs}
+    ms = common.summary(common.interleaved(fns, repeats, 1, clock))
+    rate = {k: batch / (v["median"] / 1000) for k, v in ms.items()}
+    return [
+        {"case": f"one LoRA, batch {batch}x{length}", **ms["one"], "rate": rate["one"], "ratio": 1.0},
+        {"case": f"{tasks} task LoRAs at once (PerTask)", **ms["many"], "rate": rate["many"],
+         "ratio": rate["many"] / rate["one"]},
+        {"case": f"{tasks} sequential PEFT runs", **ms["peft"], "rate": rate["peft"], "ratio": rate["peft"] / rate["one"]},
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="batch 64x64 only, 1/16/64 LoRAs, 3 repeats")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--clock", choices=tuple(common.CLOCKS), default="wall")
+    parser.add_argument("--threads", type=int, default=common.THREADS)
+    parser.add_argument("--only", choices=("inference", "training"), default=None)
+    args = parser.parse_args()
+    common.setup(args.threads)
+    repeats = args.repeats or (3 if args.quick else 7)
+    shapes = [(64, 64)] if args.quick else [(64, 64), (8, 512)]
+    counts = [1, 16, 64] if args.quick else [1, 16, 64, 256]
+    print(f"# Many task LoRAs in one batch: MiniLM geometry, all-linear r = {RANK}, {args.threads} threads, "
+          f"median of {repeats}, {args.clock} clock; {common.load_average()}\n", flush=True)
+    if args.only in (None, "inference"):
+        for batch, length in shapes:
+            print(f"## Inference, batch {batch} x {length}\n", flush=True)
+            rows = inference(batch, length, counts, repeats, args.clock)
+            common.print_table(rows, [("case", "case"), ("median", "median ms"), ("min", "min ms"),
+                                      ("ratio", "x base"), ("peak", "forward peak MB"),
+                                      ("weights", "module MB"), ("note", "check")], {"ratio": 3})
+            print(flush=True)
+    if args.only in (None, "training"):
+        batch, length, tasks = (16, 64, 16) if args.quick else (32, 64, 16)
+        print(f"## Training step (forward, backward, AdamW), {tasks} tasks\n", flush=True)
+        rows = training(batch, length, tasks, repeats, args.clock)
+        common.print_table(rows, [("case", "case"), ("median", "median ms"), ("rate", "examples/s"),
+                                  ("ratio", "x one LoRA's examples/s")])
+
+
+if __name__ == "__main__":
+    main()
