@@ -1,7 +1,7 @@
 """Many task LoRAs in one batch: inference and training against the base, PEFT and the FLOP limit.
 
     OMP_NUM_THREADS=2 python -m benchmarks.grouped            # batches 64x64 and 8x512, 1/16/64/256 LoRAs
-    OMP_NUM_THREADS=2 python -m benchmarks.grouped --quick    # 64x64 only, 1/16/64 LoRAs, fewer repeats
+    OMP_NUM_THREADS=2 python -m benchmarks.grouped --quick    # 32x64 only, 1/16/64 LoRAs, 3 repeats
 
 MiniLM geometry (BERT, hidden 384, 6 layers, FFN 1536), random weights, eval. Every LoRA has r = 8 on
 every linear layer of the encoder (query, key, value, attention output, FFN up and down), random B.
@@ -140,7 +140,7 @@ def inference(batch: int, length: int, counts: list[int], repeats: int, clock: s
             notes[n] = max(float((fns[f"{w}-{n}"]().last_hidden_state - ref).abs().max()) for w in ("hard", "sets"))
     with torch.inference_mode():
         peaks = {name: peak_mb(fn) for name, fn in fns.items()}
-        ms = common.summary(common.interleaved(fns, repeats, 2, clock))
+        ms = common.summary(common.interleaved(fns, repeats, 1, clock))
     b = ms["base"]["median"]
     limit = flop_limit(base, length)
     rows = [{"case": f"base forward {batch}x{length}", **ms["base"], "ratio": 1.0, "peak": peaks["base"],
@@ -208,7 +208,7 @@ def training(batch: int, length: int, tasks: int, repeats: int, clock: str) -> l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="batch 64x64 only, 1/16/64 LoRAs, 3 repeats")
+    parser.add_argument("--quick", action="store_true", help="batch 32x64 only, 1/16/64 LoRAs, 3 repeats")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--clock", choices=tuple(common.CLOCKS), default="wall")
     parser.add_argument("--threads", type=int, default=common.THREADS)
@@ -216,7 +216,7 @@ def main() -> None:
     args = parser.parse_args()
     common.setup(args.threads)
     repeats = args.repeats or (3 if args.quick else 7)
-    shapes = [(64, 64)] if args.quick else [(64, 64), (8, 512)]
+    shapes = [(32, 64)] if args.quick else [(64, 64), (8, 512)]
     counts = [1, 16, 64] if args.quick else [1, 16, 64, 256]
     print(f"# Many task LoRAs in one batch: MiniLM geometry, all-linear r = {RANK}, {args.threads} threads, "
           f"median of {repeats}, {args.clock} clock; {common.load_average()}\n", flush=True)

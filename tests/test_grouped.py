@@ -55,21 +55,22 @@ def run_ids(model, inputs, ids):
 
 
 def plain_sets():
-    """A model with sets a (LoRA), b (IA3 + LoRA), c (bottleneck), d (LN), each moved off its start."""
+    """Sets a (LoRA r=2), b (LoRA r=4, another scale, + IA3), c and e (bottlenecks of two sizes), d (LN)."""
     model = ModularModel(tiny.bert())
     model.add("a", [ph.LoRA(r=2, targets=("q", "v", "down"))])
     model.add("b", [ph.LoRA(r=4, alpha=4.0), ph.IA3()])
     model.add("c", [ph.Bottleneck(reduction=4)])
     model.add("d", [ph.LNTuning()])
+    model.add("e", [ph.Bottleneck(reduction=8, scale=2.0)])
     perturb(model.eval(), scale=0.3)
     return model
 
 
 def test_adapter_names_equals_each_example_alone_and_plain_calls_are_unchanged():
     model = plain_sets()
-    inputs = tiny.batch("bert", b=6)
+    inputs = tiny.batch("bert", b=7)
     before = run(model, inputs)  # every set at once (Stack)
-    names = ["c", "a", "__base__", "b", "d", "a"]
+    names = ["c", "a", "__base__", "b", "d", "a", "e"]
     with torch.no_grad():
         got = model(**inputs, adapter_names=names).logits
     want = torch.cat([alone(dict(model.adapters[n]) if n != "__base__" else {}, inputs, i)
@@ -96,11 +97,11 @@ def test_adapter_names_sees_new_sets_and_detach_is_exact():
     inputs = tiny.batch("bert", b=2)
     with torch.no_grad():
         model(**inputs, adapter_names=["a", "b"])
-    model.add("e", [ph.IA3()])
+    model.add("f", [ph.IA3()])
     perturb(model, seed=3, scale=0.3)
     with torch.no_grad():
-        got = model(**inputs, adapter_names=["e", "a"]).logits
-    want = torch.cat([alone(dict(model.adapters[n]), inputs, i) for i, n in enumerate(["e", "a"])])
+        got = model(**inputs, adapter_names=["f", "a"]).logits
+    want = torch.cat([alone(dict(model.adapters[n]), inputs, i) for i, n in enumerate(["f", "a"])])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     with pytest.raises(RoutingError, match="unknown module sets"):
         model(**inputs, adapter_names=["a", "nope"])
@@ -127,6 +128,7 @@ def test_hard_poly_mixed_and_single_batches_equal_each_task_lora():
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compiled_adapter_names_as_indices_do_not_recompile_per_composition():
     from tests.test_compile import Counting
     torch._dynamo.reset()

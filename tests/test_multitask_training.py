@@ -89,6 +89,7 @@ def test_save_tasks_writes_each_task_as_a_plain_module(tmp_path):
     assert sorted(refs) == TASKS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["per_task", "hard_poly"])
 def test_compiled_selection_equals_eager_without_recompiling_per_composition(what):
     from tests.test_compile import Counting

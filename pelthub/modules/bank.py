@@ -171,9 +171,9 @@ def _adapter_hooks(bank: Bank, ctx: CallContext, base: nn.Module, src: str, dst:
     def weights() -> tuple[torch.Tensor, ...]:
         found = [_adapter_weights(l) if l is not None else None for l in layers]
         k = max(w[0].shape[1] for w in found if w is not None)
-        d_in, d_out = next(w for w in found if w is not None)[0].shape[0], next(w for w in found if w)[2].shape[1]
-        like = next(w for w in found if w is not None)[0]
-        zero = (like.new_zeros(d_in, k), like.new_zeros(k), like.new_zeros(k, d_out), like.new_zeros(d_out))
+        like = next(w for w in found if w is not None)
+        d_in, d_out = like[0].shape[0], like[2].shape[1]
+        zero = (like[0].new_zeros(d_in, k), like[0].new_zeros(k), like[0].new_zeros(k, d_out), like[0].new_zeros(d_out))
         found = [zero if w is None else (F.pad(w[0], (0, k - w[0].shape[1])), F.pad(w[1], (0, k - w[1].shape[0])),
                                          F.pad(w[2], (0, 0, 0, k - w[2].shape[0])), w[3]) for w in found]
         return tuple(torch.stack(part) for part in zip(*found))
