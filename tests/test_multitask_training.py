@@ -30,15 +30,20 @@ OPTIMISERS = {"adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_
               "sgd": lambda params: torch.optim.SGD(params, lr=0.5, momentum=0.9)}  # sees a wrong loss scale
 
 
-@pytest.mark.parametrize("optimiser", OPTIMISERS)
-def test_per_task_training_equals_separate_runs(optimiser):
+MIXED = (ph.LoRA(r=2, targets=("q", "v")), ph.IA3(), ph.Bottleneck(reduction=4))
+
+
+@pytest.mark.parametrize("optimiser, configs", [("adamw", (CFG,)), ("sgd", (CFG,)), ("adamw", MIXED)],
+                         ids=["adamw-lora", "sgd-lora", "adamw-lora+ia3+bottleneck"])
+def test_per_task_training_equals_separate_runs(optimiser, configs):
     adamw = OPTIMISERS[optimiser]
-    model = ph.compose(tiny.bert(), PerTask(CFG, tasks=TASKS)).eval()
+    model = ph.compose(tiny.bert(), PerTask(configs, tasks=TASKS)).eval()
     module = per_task_module(model)
     separate = []
     for t in range(len(TASKS)):
-        plain = ph.attach(tiny.bert(), CFG).eval()
-        plain.adapters["default"]["lora"].load_state_dict(module.tasks[t]["lora"].state_dict())
+        plain = ph.attach(tiny.bert(), *configs).eval()
+        for kind, m in module.tasks[t].items():
+            plain.adapters["default"][kind].load_state_dict(m.state_dict())
         separate.append(plain)
     opt = adamw([p for p in model.parameters() if p.requires_grad])
     opts = [adamw([p for p in m.parameters() if p.requires_grad]) for m in separate]
@@ -53,14 +58,14 @@ def test_per_task_training_equals_separate_runs(optimiser):
             plain(**{k: v[rows] for k, v in inputs.items()}, labels=labels[rows]).loss.backward()
             o.step()
             o.zero_grad()
-    moved = 0.0
     for t, plain in enumerate(separate):
-        for key, layer in plain.adapters["default"]["lora"].layers.items():
-            mine = module.tasks[t]["lora"].layers[key]
-            torch.testing.assert_close(mine.lora_a, layer.lora_a, rtol=0, atol=1e-5)
-            torch.testing.assert_close(mine.lora_b, layer.lora_b, rtol=0, atol=1e-5)
-            moved = max(moved, float(layer.lora_b.detach().abs().max()))
-    assert moved > 1e-3  # the runs did train
+        want = plain.adapters["default"].state_dict()
+        got = module.tasks[t].state_dict()
+        assert sorted(got) == sorted(want)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5)
+        lora_b = plain.adapters["default"]["lora"].layers["bert-encoder-layer-0-attention-self-value"].lora_b
+        assert float(lora_b.detach().abs().max()) > 1e-3  # the runs did train
 
 
 def test_each_example_reaches_only_its_task_and_absent_tasks_can_be_left_alone():
