@@ -147,3 +147,20 @@ def test_compiled_adapter_names_as_indices_do_not_recompile_per_composition():
             if i == 0:
                 after_first = backend.graphs
     assert backend.graphs == after_first > 0
+
+
+def test_two_threads_with_different_adapter_names_get_what_each_gets_alone():
+    from concurrent.futures import ThreadPoolExecutor
+    model = plain_sets()
+    inputs = tiny.batch("bert", b=3)
+    choices = [["a", "b", "c"], ["d", "__base__", "a"]]
+    with torch.no_grad():
+        alone_out = [model(**inputs, adapter_names=c).logits for c in choices]
+
+    def calls(k):
+        with torch.no_grad():
+            return [float((model(**inputs, adapter_names=choices[k]).logits - alone_out[k]).abs().max())
+                    for _ in range(15)]
+    with ThreadPoolExecutor(2) as pool:
+        diffs = [d for found in pool.map(calls, [0, 1]) for d in found]
+    assert max(diffs) == 0.0
