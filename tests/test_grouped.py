@@ -164,3 +164,20 @@ def test_two_threads_with_different_adapter_names_get_what_each_gets_alone():
     with ThreadPoolExecutor(2) as pool:
         diffs = [d for found in pool.map(calls, [0, 1]) for d in found]
     assert max(diffs) == 0.0
+
+
+def test_generate_with_adapter_names_equals_each_example_alone():
+    model = ModularModel(tiny.gpt2())
+    model.add("a", [ph.LoRA(r=2)])
+    model.add("b", [ph.IA3()])
+    perturb(model.eval(), scale=0.5)
+    ids = torch.randint(3, tiny.VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    kw = {"max_new_tokens": 4, "do_sample": False, "num_beams": 2, "pad_token_id": 0}
+    got = model.generate(ids, adapter_names=["b", "a"], **kw)
+    want = []
+    for i, name in enumerate(["b", "a"]):
+        ref = ModularModel(tiny.gpt2())
+        ref.add("only", [m.config for m in model.adapters[name].values()], init=False)
+        ref.adapters["only"].load_state_dict(model.adapters[name].state_dict())
+        want.append(ref.eval().generate(ids[i:i + 1], **kw))
+    assert torch.equal(got, torch.cat(want))
