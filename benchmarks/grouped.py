@@ -13,8 +13,8 @@ every linear layer of the encoder (query, key, value, attention output, FFN up a
    - adapter_names: N plain module sets (`model.add`), `model(..., adapter_names=...)` (stacked per call);
    - PEFT `adapter_names` on the same weights (outputs checked equal);
    - FLOP limit: 1 + LoRA FLOPs / base FLOPs (matmuls only), what a perfect kernel would cost.
-   Memory: the forward's peak above what is resident before it (Linux VmHWM after clear_refs), and the
-   module weights the contender holds.
+   Memory: the forward's peak of tensor memory above what was allocated before it (torch.profiler memory
+   events), and the LoRA weights the contender holds.
 2. Training step (forward, backward, AdamW) on one batch: one LoRA; N task LoRAs at once (`PerTask`,
    example i trains task i mod N, loss = sum of task means); N sequential PEFT runs (each steps on its
    own task's examples of the batch). Examples per second of each.
@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
-import re
 from typing import Any, Callable
 
 import torch
@@ -96,23 +94,23 @@ def flop_limit(base: torch.nn.Module, length: int) -> float:
 
 
 def peak_mb(fn: Callable[[], Any]) -> float:
-    """MB the call adds to the process's resident peak (Linux: VmHWM reset by clear_refs)."""
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status("VmRSS")
-    fn()
-    return (_status("VmHWM") - before) / 1024
+    """Peak MB of tensor memory the call holds above what was allocated before it (profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
-
-
-def module_mb(model: torch.nn.Module, base: torch.nn.Module) -> float:
-    own = {id(p) for p in base.parameters()}
-    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in own) / 2**20
+def module_mb(model: torch.nn.Module) -> float:
+    """MB of the LoRA weights a contender holds (pelthub module tensors; PEFT's lora_ parameters)."""
+    named = model.module_parameters() if isinstance(model, ModularModel) else model.named_parameters()
+    return sum(p.numel() * p.element_size() for n, p in named if isinstance(model, ModularModel) or "lora_" in n) / 2**20
 
 
 def inference(batch: int, length: int, counts: list[int], repeats: int, clock: str) -> list[dict[str, Any]]:
@@ -133,8 +131,7 @@ def inference(batch: int, length: int, counts: list[int], repeats: int, clock: s
         fns[f"hard-{n}"] = lambda m=routed, t=task_ids: m(input_ids=ids, attention_mask=mask, task_ids=t)
         fns[f"sets-{n}"] = lambda m=sets, t=names: m(input_ids=ids, attention_mask=mask, adapter_names=t)
         fns[f"peft-{n}"] = lambda m=peft, t=names: m(input_ids=ids, attention_mask=mask, adapter_names=t)
-        weights.update({f"hard-{n}": module_mb(routed, routed.base), f"sets-{n}": module_mb(sets, sets.base),
-                        f"peft-{n}": module_mb(peft, base)})
+        weights.update({f"hard-{n}": module_mb(routed), f"sets-{n}": module_mb(sets), f"peft-{n}": module_mb(peft)})
         with torch.inference_mode():
             ref = fns[f"peft-{n}"]().last_hidden_state
             notes[n] = max(float((fns[f"{w}-{n}"]().last_hidden_state - ref).abs().max()) for w in ("hard", "sets"))

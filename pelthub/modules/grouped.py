@@ -49,20 +49,37 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+def _in_place(out: torch.Tensor) -> bool:
+    """Add into the layer's fresh output when autograd is off: no new activation-sized buffer per site
+    (a fresh one is page-faulted in on every call)."""
+    return not torch.is_grad_enabled() and out.is_contiguous() and not torch.compiler.is_compiling()
+
+
+def _add_into(out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    delta = delta.view(out.shape).to(out.dtype)
+    return out.add_(delta) if _in_place(out) else out + delta
+
+
 def lora_single(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """out + scale·x·a·b for one (a (in, r), b (r, out)) shared by the whole batch."""
     flat = x.reshape(-1, x.shape[-1]) @ a
-    if out.dtype == a.dtype:
-        return torch.addmm(out.reshape(-1, out.shape[-1]), flat, b, alpha=scale).view(out.shape)
-    return out + (flat @ b * scale).view(out.shape).to(out.dtype)
+    if out.dtype != a.dtype:
+        return out + (flat @ b * scale).view(out.shape).to(out.dtype)
+    if _in_place(out):
+        out.view(-1, out.shape[-1]).addmm_(flat, b, alpha=scale)
+        return out
+    return torch.addmm(out.reshape(-1, out.shape[-1]), flat, b, alpha=scale).view(out.shape)
 
 
 def lora_rows(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """out + scale·x_i·a_i·b_i per example i, for gathered a (b, in, r) and b (b, r, out)."""
     h = _as_rows(x).bmm(a)
-    if out.dtype == a.dtype:
-        return torch.baddbmm(_as_rows(out), h, b, alpha=scale).view(out.shape)
-    return out + (h.bmm(b) * scale).view(out.shape).to(out.dtype)
+    if out.dtype != a.dtype:
+        return out + (h.bmm(b) * scale).view(out.shape).to(out.dtype)
+    if _in_place(out):
+        _as_rows(out).baddbmm_(h, b, alpha=scale)
+        return out
+    return torch.baddbmm(_as_rows(out), h, b, alpha=scale).view(out.shape)
 
 
 def lora_into(out: torch.Tensor, x: torch.Tensor, route: RoutePlan,
@@ -96,11 +113,10 @@ def mlp_into(out: torch.Tensor, x: torch.Tensor, route: RoutePlan, act: nn.Modul
     if route.single is not None:
         t = route.single
         h = act(torch.addmm(down_bias[t], x.reshape(-1, x.shape[-1]), down[t]))
-        return out + torch.addmm(up_bias[t], h, up[t]).view(out.shape).to(out.dtype)
+        return _add_into(out, torch.addmm(up_bias[t], h, up[t]))
     ids = route.ids
     h = act(torch.baddbmm(down_bias.index_select(0, ids)[:, None], _as_rows(x), down.index_select(0, ids)))
-    delta = torch.baddbmm(up_bias.index_select(0, ids)[:, None], h, up.index_select(0, ids))
-    return out + delta.view(out.shape).to(out.dtype)
+    return _add_into(out, torch.baddbmm(up_bias.index_select(0, ids)[:, None], h, up.index_select(0, ids)))
 
 
 def affine_rows(out: torch.Tensor, normed: torch.Tensor, route: RoutePlan,
@@ -109,10 +125,10 @@ def affine_rows(out: torch.Tensor, normed: torch.Tensor, route: RoutePlan,
     gamma, beta = deltas()
     if route.single is not None:
         t = route.single
-        return out + (normed * gamma[t] + beta[t]).to(out.dtype)
+        return _add_into(out, normed * gamma[t] + beta[t])
     shape = (out.shape[0], *([1] * (out.dim() - 2)), out.shape[-1])
     g, b = gamma.index_select(0, route.ids).view(shape), beta.index_select(0, route.ids).view(shape)
-    return out + (normed * g + b).to(out.dtype)
+    return _add_into(out, normed * g + b)
 
 
 def plan_once(ctx: CallContext, owner: object, batch: int,
