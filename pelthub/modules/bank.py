@@ -92,13 +92,14 @@ def _lora_hook(bank: Bank, layers: list[Any], dropout: nn.Module) -> Callable[..
         if t is not None:
             l = layers[t]
             return None if l is None else (l.lora_a.T, l.lora_b.T, l.scale)
+        # stacked as (T, in, r), (T, r, out), contiguous: the gather's backward then adds whole rows
         a = torch.stack([_pad_rank(l.lora_a if l else template.lora_a.new_zeros(rank, template.lora_a.shape[1]),
-                                   rank, 0) for l in layers])                         # (T, r, in)
+                                   rank, 0).T for l in layers])
         b = torch.stack([_pad_rank(l.lora_b if l else template.lora_b.new_zeros(template.lora_b.shape[0], rank),
-                                   rank, 1) for l in layers])                         # (T, out, r)
+                                   rank, 1).T for l in layers])
         if uniform:
-            return a.transpose(1, 2), b.transpose(1, 2), template.scale
-        return a.transpose(1, 2), (b * b.new_tensor(scales)[:, None, None]).transpose(1, 2), 1.0
+            return a, b, template.scale
+        return a, b * b.new_tensor(scales)[:, None, None], 1.0
 
     def hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         route = bank.route(out.shape[0])
