@@ -15,7 +15,10 @@ every linear layer of the encoder (query, key, value, attention output, FFN up a
    - FLOP limit: 1 + LoRA FLOPs / base FLOPs (matmuls only), what a perfect kernel would cost.
    Memory: the forward's peak of tensor memory above what was allocated before it (torch.profiler memory
    events), and the LoRA weights the contender holds.
-2. Training step (forward, backward, AdamW) on one batch: one LoRA; N task LoRAs at once (`PerTask`,
+2. Kernels (`--only kernels`), one site (384 → 1536, r = 8), mixed batch of N tasks: the gathered fused bmm
+   (what pelthub runs) against sorting the examples by task and one matmul per group present (a Python
+   loop over groups, the segment-grouped form of S-LoRA / Punica), and against the one-task path.
+3. Training step (forward, backward, AdamW) on one batch: one LoRA; N task LoRAs at once (`PerTask`,
    example i trains task i mod N, loss = sum of task means); N sequential PEFT runs (each steps on its
    own task's examples of the batch). Examples per second of each.
 """
@@ -153,6 +156,42 @@ def inference(batch: int, length: int, counts: list[int], repeats: int, clock: s
     return rows
 
 
+def kernels(shapes: list[tuple[int, int]], tasks: int, repeats: int, clock: str) -> list[dict[str, Any]]:
+    from pelthub.modules.grouped import RoutePlan, lora_into
+    d, out_d = MINILM["hidden_size"], MINILM["intermediate_size"]
+    a, b = torch.randn(tasks, d, RANK) / 20, torch.randn(tasks, RANK, out_d) / 20
+    w = torch.randn(out_d, d) / 20
+    rows = []
+    for batch, length in shapes:
+        x = torch.randn(batch, length, d)
+        ids = torch.arange(batch) % tasks
+
+        def grouped() -> torch.Tensor:
+            out = F.linear(x, w)
+            order = torch.argsort(ids, stable=True)
+            counts = torch.bincount(ids, minlength=tasks).tolist()
+            xs, res = x[order], torch.empty_like(out)
+            start = 0
+            for t, c in enumerate(counts):  # one matmul per group present
+                if c:
+                    seg = xs[start:start + c].reshape(-1, d)
+                    res[order[start:start + c]] = (seg @ a[t] @ b[t]).view(c, length, out_d)
+                    start += c
+            return out + res
+
+        fns = {"base": lambda: F.linear(x, w),
+               "single": lambda: lora_into(F.linear(x, w), x, RoutePlan(ids, 0), lambda t: (a[t], b[t], 1.0)),
+               "gathered": lambda: lora_into(F.linear(x, w), x, RoutePlan(ids, None), lambda t: (a, b, 1.0)),
+               "grouped": grouped}
+        with torch.inference_mode():
+            torch.testing.assert_close(fns["gathered"](), grouped(), rtol=1e-4, atol=1e-4)
+            ms = common.summary(common.interleaved(fns, repeats * 5, 2, clock))
+        for name in ("single", "gathered", "grouped"):
+            rows.append({"case": f"{name}, {batch}x{length}, {tasks} tasks", **ms[name],
+                         "ratio": ms[name]["median"] / ms["base"]["median"]})
+    return rows
+
+
 def training(batch: int, length: int, tasks: int, repeats: int, clock: str) -> list[dict[str, Any]]:
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(0)
@@ -210,7 +249,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--clock", choices=tuple(common.CLOCKS), default="wall")
     parser.add_argument("--threads", type=int, default=common.THREADS)
-    parser.add_argument("--only", choices=("inference", "training"), default=None)
+    parser.add_argument("--only", choices=("inference", "kernels", "training"), default=None)
     args = parser.parse_args()
     common.setup(args.threads)
     repeats = args.repeats or (3 if args.quick else 7)
@@ -226,6 +265,12 @@ def main() -> None:
                                       ("ratio", "x base"), ("peak", "forward peak MB"),
                                       ("weights", "module MB"), ("note", "check")], {"ratio": 3})
             print(flush=True)
+    if args.only in (None, "kernels"):
+        print("## One site, 384 -> 1536, gathered vs grouped by task\n", flush=True)
+        rows = kernels([(64, 64), (256, 1)], 16, repeats, args.clock)
+        common.print_table(rows, [("case", "case"), ("median", "median ms"), ("min", "min ms"),
+                                  ("ratio", "x the base linear")], {"ratio": 3})
+        print(flush=True)
     if args.only in (None, "training"):
         batch, length, tasks = (16, 64, 16) if args.quick else (32, 64, 16)
         print(f"## Training step (forward, backward, AdamW), {tasks} tasks\n", flush=True)
