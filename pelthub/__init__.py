@@ -12,6 +12,7 @@ from .hub import Registry
 from .routing import Arrow, Poly
 from .routing.attention import AttentionMix
 from .routing.gates import UniPELT
+from .routing.tasks import PerTask
 from .transfer import rank_sources
 from .version import __version__
 
@@ -25,4 +26,4 @@ def doctor(quick: bool = False) -> int:
 __all__ = ["AttentionMix", "IA3", "Bottleneck", "Compacter", "LNTuning", "LoRA", "ModularModel", "PeltError",
            "Poly", "Prefix", "Prompt", "Registry", "attach", "compose", "from_pretrained", "__version__"]
 __all__ += ["Average", "Stack", "UniPELT", "WeightedSum", "merge", "search_weights"]
-__all__ += ["Arrow", "doctor", "rank_sources"]
+__all__ += ["Arrow", "PerTask", "doctor", "rank_sources"]

@@ -27,6 +27,7 @@ from .compat import cache_keyword, disable_checkpointing, enable_checkpointing, 
 from .generation import generate
 from .inputs import add_prefix, input_embeddings, prefix_cache, prepend_prompt
 from .io import save_modules
+from .select import release as release_selection, selected_ids, set_adapter
 
 # Bases that carry a ModularModel's hooks right now (weakly held: a dropped model frees its base).
 _WRAPPED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -153,6 +154,7 @@ class ModularModel(nn.Module):
 
     def detach(self) -> nn.Module:
         """Remove every module and return the base exactly as it was."""
+        release_selection(self)
         for name in list(self.adapters):
             self.remove(name)
         for pname, p in self.base.named_parameters():
@@ -212,6 +214,10 @@ class ModularModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         print(self.trainable_parameters())
+
+    def set_adapter(self, name: str | None) -> None:
+        """Run the module set `name` alone in every later call (PEFT's name); None: every set again."""
+        set_adapter(self, name)
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -276,8 +282,9 @@ class ModularModel(nn.Module):
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
-                task_ids: Any = None, **kwargs: Any) -> Any:
-        """The base model's forward with the modules applied; `task_ids` (names or indices) route per example.
+                task_ids: Any = None, adapter_names: Any = None, **kwargs: Any) -> Any:
+        """The base model's forward with the modules applied; `task_ids` (names or indices) route per example,
+        `adapter_names` (PEFT's name) runs each example with one module set alone (`pelthub.model.select`).
 
         The named arguments are the ones `transformers.Trainer` looks for in the signature
         (it drops dataset columns the forward does not name); anything else passes through.
@@ -288,6 +295,7 @@ class ModularModel(nn.Module):
         kwargs.update({k: v for k, v in named.items() if v is not None})
         batch = _batch_size(kwargs)
         with self.bind(task_ids, kwargs.get("attention_mask"), batch) as state:
+            state.selected = selected_ids(self, adapter_names, batch)
             out = self.base(**self.prepare_inputs(kwargs, state))
             for m in self.modules_of("check_call"):
                 m.check_call(state)
@@ -295,13 +303,14 @@ class ModularModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 task_ids: Any = None, **kwargs: Any) -> torch.Tensor:
+                 task_ids: Any = None, adapter_names: Any = None, **kwargs: Any) -> torch.Tensor:
         """`base.generate` with prompts and prefixes injected once, at the first step.
 
         Returns the input ids followed by the new tokens for decoder-only models,
         like transformers does.
         """
         with self.bind(task_ids, attention_mask, input_ids.shape[0]) as state:
+            state.selected = selected_ids(self, adapter_names, input_ids.shape[0])
             return generate(self, state, input_ids, attention_mask, **kwargs)
 
     # ----- gradient (activation) checkpointing -----

@@ -34,6 +34,7 @@ class CallState:
     task_ids: torch.Tensor | None = None        # (B,) int64
     attention_mask: torch.Tensor | None = None  # (B, n) of the real tokens
     cache: Any = None                           # the prefix cache pelthub built for this call, if any
+    selected: torch.Tensor | None = None        # (B,) module set per example (`adapter_names=`), if selecting
     scratch: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -70,6 +71,12 @@ class CallContext:
     def attention_mask(self) -> torch.Tensor | None:
         state = self._var.get()
         return None if state is None else state.attention_mask
+
+    @property
+    def selecting(self) -> bool:
+        """Whether this call selects one module set per example: plain sets' hooks then step aside."""
+        state = self._var.get()
+        return state is not None and state.selected is not None
 
     def scratch(self, owner: object) -> dict[str, Any]:
         """The per-call scratch dict of `owner`; a throwaway dict when no call is bound."""
@@ -131,23 +138,28 @@ def site_name(key: str) -> str:
     return key.replace("-", ".")
 
 
-def add_to_output(module: nn.Module, delta: Callable[[torch.Tensor], torch.Tensor]) -> Handle:
-    """Hook: module(x) becomes module(x) + delta(x)."""
+def add_to_output(module: nn.Module, delta: Callable[[torch.Tensor], torch.Tensor],
+                  ctx: CallContext | None = None) -> Handle:
+    """Hook: module(x) becomes module(x) + delta(x); a plain set's hook (ctx given) steps aside while selecting."""
     def hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        if ctx is not None and ctx.selecting:
+            return out
         return out + delta(args[0]).to(out.dtype)
     return module.register_forward_hook(hook)
 
 
-def map_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Handle:
-    """Hook: module(x) becomes fn(module(x))."""
+def map_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], ctx: CallContext | None = None) -> Handle:
+    """Hook: module(x) becomes fn(module(x)); steps aside while selecting (see `add_to_output`)."""
     def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
-        return fn(out)
+        return out if ctx is not None and ctx.selecting else fn(out)
     return module.register_forward_hook(hook)
 
 
-def map_input(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Handle:
-    """Pre-hook: module(x) becomes module(fn(x))."""
-    def hook(_m: nn.Module, args: tuple) -> tuple:
+def map_input(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], ctx: CallContext | None = None) -> Handle:
+    """Pre-hook: module(x) becomes module(fn(x)); steps aside while selecting (see `add_to_output`)."""
+    def hook(_m: nn.Module, args: tuple) -> tuple | None:
+        if ctx is not None and ctx.selecting:
+            return None
         return (fn(args[0]), *args[1:])
     return module.register_forward_pre_hook(hook)
 

@@ -110,22 +110,22 @@ class AdapterModule(PeltModule):
             layer = self.layers[site_key(dst)]
             out_module = base.get_submodule(dst)
             if src != dst:
-                handles.extend(_parallel_split(base.get_submodule(src), out_module, layer))
+                handles.extend(_parallel_split(base.get_submodule(src), out_module, layer, ctx))
             elif self.config.placement == "parallel":
-                handles.append(add_to_output(out_module, layer))   # ffn(x) + adapter(x)
+                handles.append(add_to_output(out_module, layer, ctx))   # ffn(x) + adapter(x)
             else:
-                handles.append(_sequential(out_module, layer))     # h + adapter(h)
+                handles.append(_sequential(out_module, layer, ctx))     # h + adapter(h)
         return handles
 
 
-def _sequential(module: nn.Module, layer: nn.Module) -> Handle:
-    """h ← h + adapter(h) on the module's output."""
+def _sequential(module: nn.Module, layer: nn.Module, ctx: CallContext) -> Handle:
+    """h ← h + adapter(h) on the module's output (stepping aside while selecting, see `add_to_output`)."""
     def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
-        return out + layer(out).to(out.dtype)
+        return out if ctx.selecting else out + layer(out).to(out.dtype)
     return module.register_forward_hook(hook)
 
 
-def _parallel_split(src: nn.Module, dst: nn.Module, layer: nn.Module) -> list[Handle]:
+def _parallel_split(src: nn.Module, dst: nn.Module, layer: nn.Module, ctx: CallContext) -> list[Handle]:
     """Parallel adapter where the FFN input and output are different modules (BERT, BART).
 
     The pre-hook on `src` keeps the FFN input; the hook on `dst`, which runs
@@ -138,5 +138,5 @@ def _parallel_split(src: nn.Module, dst: nn.Module, layer: nn.Module) -> list[Ha
 
     def add(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
         x = held.pop()
-        return out + layer(x).to(out.dtype)
+        return out if ctx.selecting else out + layer(x).to(out.dtype)
     return [src.register_forward_pre_hook(keep), dst.register_forward_hook(add)]

@@ -60,7 +60,7 @@ class IA3Module(PeltModule):
         handles = []
         for key, scale in self.scales.items():
             module, fn = base.get_submodule(site_name(key)), (lambda t, s=scale: t * s.to(t.dtype))
-            handles.append(map_input(module, fn) if self.on_input[key] else map_output(module, fn))
+            handles.append(map_input(module, fn, ctx) if self.on_input[key] else map_output(module, fn, ctx))
         return handles
 
     @torch.no_grad()

@@ -42,12 +42,12 @@ class LNTuning(ModuleConfig):
 class _AddDelta(nn.Module):
     """Parametrisation t ↦ t + Δ; Δ lives in LNModule (a list keeps it out of the base's parameters)."""
 
-    def __init__(self, delta: nn.Parameter):
+    def __init__(self, delta: nn.Parameter, ctx: CallContext):
         super().__init__()
-        self._delta = [delta]
+        self._delta, self._ctx = [delta], ctx
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return t + self._delta[0].to(t.dtype)
+        return t if self._ctx.selecting else t + self._delta[0].to(t.dtype)
 
 
 class LNModule(PeltModule):
@@ -67,7 +67,7 @@ class LNModule(PeltModule):
         handles = []
         for name, param, delta in self._targets():
             module = base.get_submodule(name)
-            parametrize.register_parametrization(module, param, _AddDelta(delta), unsafe=True)
+            parametrize.register_parametrization(module, param, _AddDelta(delta, ctx), unsafe=True)
             handles.append(_Unparametrize(module, param))
         return handles
 

@@ -79,7 +79,7 @@ class LoRAModule(PeltModule):
         self.layers = nn.ModuleDict({site_key(n): layer for n, layer in layers.items()})
 
     def install(self, base: nn.Module, ctx: CallContext) -> list[Handle]:
-        return [add_to_output(base.get_submodule(site_name(k)), layer) for k, layer in self.layers.items()]
+        return [add_to_output(base.get_submodule(site_name(k)), layer, ctx) for k, layer in self.layers.items()]
 
     @torch.no_grad()
     def merge_into(self, base: nn.Module) -> None:

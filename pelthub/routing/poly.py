@@ -19,7 +19,8 @@ Variants (`Poly.variant`):
 - "mu":   fixed uniform weights, computed as the one collapsed LoRA Ā = mean_k A, B̄ = mean_k B;
 - "z":    routing only, the skills are frozen;
 - "hard": K = T, task t uses skill t alone (w one-hot): many single-task LoRAs served in one
-          vectorised forward by gathering each example's A and B.
+          forward; a one-task batch runs as a plain LoRA, a mixed one gathers each example's A and B
+          into one fused bmm per site (pelthub/modules/grouped.py).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from torch import nn
 from ..errors import ConfigError, DuplicateNameError, RoutingError
 from ..modules.base import CallContext, Handle, PeltModule, add_to_output, site_key, site_name
 from ..modules.config import ModuleConfig, Sourced, one_of, positive_int, positive_number, probability, targets
+from ..modules.grouped import lora_into, plan_once
 from ..sites import Sites, linear_dims
 from .poly_sources import over_modules
 
@@ -162,12 +164,16 @@ class PolyLinear(nn.Module):
         bb = torch.einsum("bqk,qkro->brqo", w, self.lora_b).reshape(b, self.rank, self.out_features)
         return a, bb
 
-    def selected(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ā_b, B̄_b of skill ids[b] alone (one-hot w), gathered without mixing."""
-        b = ids.shape[0]
-        a = self.lora_a.index_select(1, ids).transpose(0, 1).reshape(b, self.in_features, self.rank)
-        bb = self.lora_b.index_select(1, ids).permute(1, 2, 0, 3).reshape(b, self.rank, self.out_features)
-        return a, bb
+    def skill(self, k: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Skill k's Ā (in, r), B̄ (r, out) and scale; k=None: every skill's, (K, in, r) and (K, r, out)."""
+        h, skills = self.lora_a.shape[:2]
+        if k is not None:
+            a = self.lora_a[:, k].reshape(self.in_features, self.rank)
+            return a, self.lora_b[:, k].transpose(0, 1).reshape(self.rank, self.out_features), self.scale
+        if h == 1:
+            return self.lora_a[0], self.lora_b[0], self.scale
+        a = self.lora_a.transpose(0, 1).reshape(skills, self.in_features, self.rank)
+        return a, self.lora_b.permute(1, 2, 0, 3).reshape(skills, self.rank, self.out_features), self.scale
 
     def collapsed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Ā (in, r), B̄ (r, out) of the uniform mixture: the means over skills, per head."""
@@ -210,15 +216,22 @@ class PolyModule(PeltModule):
         return self.config.variant != "mu"
 
     def install(self, base: nn.Module, ctx: CallContext) -> list[Handle]:
+        if self.config.variant == "hard":
+            return [base.get_submodule(site_name(k)).register_forward_hook(partial(self._hard, k, ctx))
+                    for k in self.layers]
         return [add_to_output(base.get_submodule(site_name(k)), partial(self._delta, k, ctx)) for k in self.layers]
+
+    def _hard(self, key: str, ctx: CallContext, _m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        """Hard routing: each example's own skill, the update fused into the output (`modules.grouped`)."""
+        layer = self.layers[key]
+        route = plan_once(ctx, self, out.shape[0], lambda b: self.task_ids(ctx, b, layer.lora_a.device))
+        return lora_into(out, layer.dropout(args[0].to(layer.lora_a.dtype)), route, layer.skill)
 
     def _delta(self, key: str, ctx: CallContext, x: torch.Tensor) -> torch.Tensor:
         layer = self.layers[key]
         if self.config.variant == "mu":
             return layer(x, *layer.collapsed())
         ids = self.task_ids(ctx, x.shape[0], layer.lora_a.device)
-        if self.config.variant == "hard":
-            return layer(x, *layer.selected(ids))
         w = self.weights(self.groups[key], ids, sample=self.training)
         return layer(x, *layer.mixed(w.to(layer.lora_a.dtype)))
 

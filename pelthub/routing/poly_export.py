@@ -49,7 +49,7 @@ def export_task_lora(model: ModularModel, task: str | int, base: nn.Module | Non
     """
     module = poly_module(model)
     config, weights = task_lora_state(module, task)
-    base = _fresh_copy(model.base) if base is None else base
+    base = fresh_copy(model.base) if base is None else base
     if base is model.base:
         raise ConfigError("export_task_lora: base= is the routed model's own base (its Poly hooks are on it); "
                           "pass another copy of the base model, or leave base=None")
@@ -66,7 +66,7 @@ def export_task_lora(model: ModularModel, task: str | int, base: nn.Module | Non
     return exported
 
 
-def _fresh_copy(base: nn.Module) -> nn.Module:
+def fresh_copy(base: nn.Module) -> nn.Module:
     """The base model rebuilt from its config and weights, without any hooks on it."""
     copy = type(base)(base.config).to(device=base.device, dtype=base.dtype)
     copy.load_state_dict(base.state_dict())
