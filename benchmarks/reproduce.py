@@ -157,6 +157,7 @@ class Reproduction:
         """Comparisons 1 and 2 on every held-out target."""
         for name in self.budget.targets:
             attempt, spot = f"ATTEMPT vs prompt tuning: {name}", f"SPoT init vs random init: {name}"
+            print(f"  target {name}", flush=True)
             for seed in range(self.budget.seeds):
                 task = load_task(name, n_train=self.budget.shots, n_test=self.budget.test, seed=seed)
                 k = task.num_labels
@@ -171,8 +172,9 @@ class Reproduction:
                 mix = ph.AttentionMix(ranking.top(len(ranking)), target=ph.Prompt(length=LENGTH))
                 model = self.train([attempt], f"ATTEMPT over {len(ranking)} sources", ph.compose(
                     self.base(k, seed), mix, head=True), task.train, task.test, seed, PROMPT_LR)
-                self.results.setdefault((attempt, "ATTEMPT attention entropy / ln(S+1)"), []).append(
-                    self.entropy(model, task.test))
+                entropy = self.entropy(model, task.test)
+                self.results.setdefault((attempt, "ATTEMPT attention entropy / ln(S+1)"), []).append(entropy)
+                print(f"  seed {seed}  {'ATTEMPT attention entropy / ln(S+1)':<40} {entropy:.3f}", flush=True)
 
     def multitask(self) -> None:
         """Comparison 3: Poly, MHR and one shared LoRA on the same few-shot multi-task data."""
