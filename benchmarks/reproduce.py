@@ -27,6 +27,11 @@ the test set relative to uniform (1 = uniform), with the calibrated temperature.
 `--source-steps` on 256 examples each) are kept in a registry under `--out`, so a rerun
 with the same budget reuses them. The default budget is about 2,200 training steps: under
 20 minutes on a quiet 2-core machine. Writes the table to OUT/reproduce.md.
+
+--only PART ... runs some comparisons (transfer = 1-2, multitask = 3, unipelt = 4) and writes
+OUT/reproduce-PART[-PART].md: on a loaded machine the parts can run as separate processes
+(1 thread each: two threads per process waste CPU waiting on each other when the cores are
+oversubscribed).
 """
 from __future__ import annotations
 
@@ -52,6 +57,7 @@ from pelthub.transfer import init_from  # noqa: E402
 LENGTH, BATCH = 10, 16
 PROMPT_LR, MODULE_LR = 0.05, 5e-3
 SOURCE_TRAIN = 256
+PARTS = ("transfer", "multitask", "unipelt")
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,7 @@ class Reproduction:
         """Comparisons 1 and 2 on every held-out target."""
         for name in self.budget.targets:
             attempt, spot = f"ATTEMPT vs prompt tuning: {name}", f"SPoT init vs random init: {name}"
+            print(f"  target {name}", flush=True)
             for seed in range(self.budget.seeds):
                 task = load_task(name, n_train=self.budget.shots, n_test=self.budget.test, seed=seed)
                 k = task.num_labels
@@ -165,8 +172,9 @@ class Reproduction:
                 mix = ph.AttentionMix(ranking.top(len(ranking)), target=ph.Prompt(length=LENGTH))
                 model = self.train([attempt], f"ATTEMPT over {len(ranking)} sources", ph.compose(
                     self.base(k, seed), mix, head=True), task.train, task.test, seed, PROMPT_LR)
-                self.results.setdefault((attempt, "ATTEMPT attention entropy / ln(S+1)"), []).append(
-                    self.entropy(model, task.test))
+                entropy = self.entropy(model, task.test)
+                self.results.setdefault((attempt, "ATTEMPT attention entropy / ln(S+1)"), []).append(entropy)
+                print(f"  seed {seed}  {'ATTEMPT attention entropy / ln(S+1)':<40} {entropy:.3f}", flush=True)
 
     def multitask(self) -> None:
         """Comparison 3: Poly, MHR and one shared LoRA on the same few-shot multi-task data."""
@@ -222,30 +230,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shots", type=int, help=f"training examples per target task (default {FULL.shots})")
     parser.add_argument("--seeds", type=int, help=f"seeds per method (default {FULL.seeds})")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="for reproduce.md and the source registry")
+    parser.add_argument("--only", nargs="+", choices=PARTS, help="comparisons to run (default all, in this order)")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (1 on an oversubscribed machine)")
     args = parser.parse_args(argv)
+    parts = [p for p in PARTS if p in (args.only or PARTS)]
     budget = QUICK if args.quick else FULL
     budget = replace(budget, **{k: v for k, v in (("steps", args.steps), ("source_steps", args.source_steps),
                                                   ("shots", args.shots), ("seeds", args.seeds)) if v is not None})
-    setup()
+    setup(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     run = Reproduction(budget, args.out)
     print(f"# reproduce: MiniLM, {budget.steps} steps x batch {BATCH}, {budget.shots} shots, {budget.seeds} seeds, "
           f"{torch.get_num_threads()} threads; {load_average()}", flush=True)
-    print("\n1-2. source prompts, then ATTEMPT / SPoT / prompt tuning on held-out targets", flush=True)
-    refs = run.source_refs()
-    run.transfer(refs)
-    print("\n3. few-shot multi-task: Poly, MHR, shared LoRA", flush=True)
-    run.multitask()
-    print("\n4. UniPELT and its parts", flush=True)
-    run.unipelt()
+    if "transfer" in parts:
+        print("\n1-2. source prompts, then ATTEMPT / SPoT / prompt tuning on held-out targets", flush=True)
+        run.transfer(run.source_refs())
+    if "multitask" in parts:
+        print("\n3. few-shot multi-task: Poly, MHR, shared LoRA", flush=True)
+        run.multitask()
+    if "unipelt" in parts:
+        print("\n4. UniPELT and its parts", flush=True)
+        run.unipelt()
     minutes = (time.perf_counter() - start) / 60
     report = (f"MiniLM (all-MiniLM-L6-v2), {budget.steps} steps x batch {BATCH}, {budget.shots} shots, "
               f"{budget.seeds} seeds{' (--quick: not meaningful)' if args.quick else ''}; {minutes:.1f} min, "
               f"{load_average()}\n\n{run.table()}\n")
     print(f"\n{report}")
-    (args.out / "reproduce.md").write_text(report)
-    print(f"wrote {args.out / 'reproduce.md'}")
+    path = args.out / ("reproduce.md" if parts == list(PARTS) else f"reproduce-{'-'.join(parts)}.md")
+    path.write_text(report)
+    print(f"wrote {path}")
     return 0
 
 
