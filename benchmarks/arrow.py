@@ -41,7 +41,7 @@ except ImportError:  # run as a script
     import common  # type: ignore[no-redef]
 
 import pelthub as ph
-from pelthub.model.sites import Sites
+from pelthub.sites import Sites
 from pelthub.registry import signatures
 
 RANK, ALPHA, TOP_K = 8, 16.0, 2

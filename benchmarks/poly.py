@@ -30,8 +30,8 @@ except ImportError:  # run as a script
     import common  # type: ignore[no-redef]
 
 import pelthub as ph
-from pelthub.model.sites import Sites
-from pelthub.routing import param_groups
+from pelthub.sites import Sites
+from pelthub.training import param_groups
 
 MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
               intermediate_size=1536, max_position_embeddings=512)
@@ -115,7 +115,7 @@ def training(batch: int, length: int, repeats: int, clock: str) -> list[dict[str
     fns = {}
     for name, heads in (("Poly", 1), ("MHR", 8)):
         ours = ph.compose(copy.deepcopy(base), ph.Poly(tasks=tasks, skills=skills, rank=RANK, heads=heads)).train()
-        fns[f"pelthub {name}"] = step_fn(ours, torch.optim.AdamW(param_groups(ours)), task_ids=task_ids)
+        fns[f"pelthub {name}"] = step_fn(ours, torch.optim.AdamW(param_groups(ours, 1e-3)), task_ids=task_ids)
         peft = get_peft_model(copy.deepcopy(base), PolyConfig(r=RANK, target_modules=["query", "value"],
                                                               n_tasks=tasks, n_skills=skills, n_splits=heads))
         peft.train()
@@ -123,7 +123,7 @@ def training(batch: int, length: int, repeats: int, clock: str) -> list[dict[str
         # PolyModel.forward passes task_ids to the Poly layers
         fns[f"PEFT {name}"] = step_fn(peft.base_model, torch.optim.AdamW(params, lr=1e-3), task_ids=task_ids)
     lora = ph.attach(copy.deepcopy(base), ph.LoRA(r=RANK, targets=("q", "v"))).train()
-    fns["pelthub LoRA"] = step_fn(lora, torch.optim.AdamW(param_groups(lora)))
+    fns["pelthub LoRA"] = step_fn(lora, torch.optim.AdamW(param_groups(lora, 1e-3)))
     ms = common.summary(common.interleaved(fns, repeats, 2, clock))
     lora = ms["pelthub LoRA"]["median"]
     rows = []

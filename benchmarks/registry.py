@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover
     from common import median, no_gc, print_table, setup  # type: ignore
 
 import pelthub as ph
-from pelthub.model.sites import Sites
+from pelthub.sites import Sites
 from pelthub.registry import Card
 
 KINDS = ["lora", "prompt", "prefix", "bottleneck", "compacter", "ia3", "ln", "poly"]

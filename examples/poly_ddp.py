@@ -22,7 +22,7 @@ from transformers import BertConfig, BertForSequenceClassification
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import pelthub as ph  # noqa: E402
-from pelthub.routing import param_groups  # noqa: E402
+from pelthub.training import param_groups  # noqa: E402
 
 TASKS = ("parity", "first-high", "last-high")
 
@@ -55,7 +55,7 @@ def main() -> None:
 
     model = ph.compose(tiny_bert(), ph.Poly(tasks=TASKS, skills=4, rank=4, heads=2), head=True).train()
     ddp = DistributedDataParallel(model)
-    optimizer = torch.optim.AdamW(param_groups(model, lr_modules=1e-2, lr_routing=0.1))
+    optimizer = torch.optim.AdamW(param_groups(model, 1e-2, lr_routing=0.1))
     ids, tasks, labels = make_data(32 * world, seed=0)
     shard = slice(rank * 32, (rank + 1) * 32)
 

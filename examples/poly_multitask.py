@@ -19,7 +19,8 @@ from _setup import load  # sets offline mode and the import path, so it comes fi
 import torch  # noqa: E402
 
 import pelthub as ph  # noqa: E402
-from pelthub.routing import add_task, export_task_lora, param_groups, plot_routing, poly_module  # noqa: E402
+from pelthub.routing import add_task, export_task_lora, plot_routing, poly_module  # noqa: E402
+from pelthub.training import param_groups  # noqa: E402
 from pelthub.tasks import load_task  # noqa: E402
 from pelthub.training import accuracy, batches, encode, fit  # noqa: E402
 
@@ -44,7 +45,7 @@ def main() -> None:
 
     # 2. Mixed-task batches ({task: examples} → every batch mixes tasks and carries task_ids);
     #    the routing logits learn faster than the skills.
-    optimizer = torch.optim.AdamW(param_groups(model, lr_modules=3e-3, lr_routing=0.1))
+    optimizer = torch.optim.AdamW(param_groups(model, 3e-3, lr_routing=0.1))
     stream = batches({n: t.train for n, t in tasks.items()}, tokenizer, batch_size=16, task_names=model.task_names)
     model.train()
     for step in range(steps):

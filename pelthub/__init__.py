@@ -8,13 +8,12 @@ from .composition import Average, Stack, WeightedSum, compose, merge, search_wei
 from .errors import PeltError
 from .model import ModularModel, attach, from_pretrained
 from .modules import IA3, Bottleneck, Compacter, LNTuning, LoRA, Prefix, Prompt
-from .registry import Registry
+from .hub import Registry
 from .routing import Arrow, Poly
 from .routing.attention import AttentionMix
 from .routing.gates import UniPELT
 from .transfer import rank_sources
-
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def doctor(quick: bool = False) -> int:

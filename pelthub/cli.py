@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 from .errors import PeltError
-from .registry import Card, Registry
+from .hub import Registry
+from .registry import Card
 
 CELL = 40
 # Terminal control: C0/C1 controls (ESC starts ANSI sequences) and lone surrogates; newlines kept in output.

@@ -1,16 +1,21 @@
 """`make demo` / `pelthub demo`: reuse modules for a new task on a real pretrained model, offline.
 
-1. Train soft prompts for several source tasks of the built-in suite and keep
-   them in the registry (a second run reuses them).
-2. Rank the sources for a held-out target task (ON metric) before training on it.
-3. Solve the target (few-shot) by prompt tuning from scratch, SPoT
-   initialisation from the best source, ATTEMPT over the top sources, and
-   Poly multi-task LoRA routing with the binary source tasks.
-4. Print one table (method, accuracy, trainable parameters, time) and save
-   the routing and transfer heatmaps as PNG.
+1. Train a soft prompt and a LoRA for each source task of the built-in suite and keep them in
+   the registry (a second run reuses them).
+2. Rank the source prompts for a held-out target task (ON metric) before training on it, once
+   per seed, and score the ranking by its AUC: how often a source of the target's family
+   outranks a source of another family (0.5 is chance).
+3. Solve the target (few-shot, a fresh sample per seed) by prompt tuning from scratch, SPoT
+   from the best-ranked source and, as the control that separates relatedness from warm
+   starting, SPoT from the worst-ranked source; ATTEMPT over the top sources (with its
+   attention entropy: 1 is uniform); Poly multi-task LoRA routing with the source tasks; a
+   LoRA from scratch; and Arrow, zero-shot routing over the source LoRAs with only the head
+   fitted, beside the same head fitted on the plain model (the control for Arrow).
+4. Print one table (method, accuracy mean ± 95% CI over seeds, trainable parameters, time per
+   run) and save the routing and transfer heatmaps as PNG.
 
-The default model is MiniLM from the `demo` extra; `--model` takes any other
-path or Hub id of an encoder.
+The default model is MiniLM from the `demo` extra; `--model` takes any other path or Hub id
+of an encoder.
 """
 from __future__ import annotations
 
@@ -48,105 +53,142 @@ def add_arguments(parser: argparse.ArgumentParser, registry_option: bool = True)
     parser.add_argument("--out", default="outputs/demo", help="where the PNG heatmaps go")
     if registry_option:
         parser.add_argument("--registry", default=None, help="registry folder (default $PELTHUB_HOME)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per method (mean ± 95%% CI)")
 
 
 class Demo:
-    """Holds what every stage shares: model path, tokenizer, registry, settings."""
+    """Holds what every stage shares: model path, tokenizer, registry, settings, the seed in use."""
 
     def __init__(self, args: argparse.Namespace):
         from transformers import AutoTokenizer
 
         import pelthub as ph
-        self.args, self.ph = args, ph
+        self.args, self.ph, self.seed = args, ph, args.seed
         self.path = args.model or default_model_path()
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.registry = ph.Registry(args.registry)
-        self.rows: list[tuple[str, float, int, float]] = []
+        self.runs: dict[str, list[tuple[float, int, float]]] = {}  # method → (accuracy, params, seconds) per seed
 
     def base(self, num_labels: int) -> Any:
         from transformers import AutoModelForSequenceClassification
-        torch.manual_seed(self.args.seed)
+        torch.manual_seed(self.seed)
         return AutoModelForSequenceClassification.from_pretrained(self.path, num_labels=num_labels)
 
-    def train(self, model: Any, data: Any, label: str, lr: float, lr_routing: float | None = None) -> float:
+    def train(self, model: Any, data: Any, label: str, lr: float) -> float:
         from .training import fit
         start = time.perf_counter()
-        fit(model, data, self.tokenizer, steps=self.args.steps, batch_size=16, lr=lr, lr_routing=lr_routing,
-            seed=self.args.seed, progress=label)
+        fit(model, data, self.tokenizer, steps=self.args.steps, batch_size=16, lr=lr, seed=self.seed, progress=label)
         return time.perf_counter() - start
 
-    def source_prompt(self, task: Any) -> str:
-        """The registry ref of this task's source prompt, trained now if the registry lacks it."""
+    def source(self, task: Any, kind: str) -> str:
+        """The registry ref of this task's source prompt or LoRA, trained now if the registry lacks it."""
         from .training import accuracy
-        name = f"demo-{task.name}-prompt-L{self.args.length}"
+        ph = self.ph
+        config, lr = (ph.Prompt(length=self.args.length, init="vocab"), 0.05) if kind == "prompt" else \
+            (ph.LoRA(r=8, targets=("q", "v")), 3e-3)
+        name = f"demo-{task.name}-{kind}" + (f"-L{self.args.length}" if kind == "prompt" else "-r8")
         base = self.base(task.num_labels)
-        for card in self.registry.search(base_model=base, task=task.name, kind="prompt", compatible_only=True):
+        for card in self.registry.search(base_model=base, task=task.name, kind=kind, compatible_only=True):
             if card.name == name:
-                print(f"  {task.name:<22} reused {card.ref} (accuracy {card.metrics.get('accuracy', float('nan')):.3f})")
+                print(f"  {task.name:<22} {kind:<6} reused {card.ref} "
+                      f"(accuracy {card.metrics.get('accuracy', float('nan')):.3f})")
                 return card.ref
-        model = self.ph.attach(base, self.ph.Prompt(length=self.args.length, init="vocab"), name="source",
-                               head=True)
-        seconds = self.train(model, task.train, f"source {task.name}", lr=0.05)
+        model = ph.attach(base, config, name="source", head=True)
+        seconds = self.train(model, task.train, f"source {task.name} {kind}", lr=lr)
         acc = accuracy(model, task.test, self.tokenizer)
         ref = self.registry.add(model, name=name, task=task.name, tags=["demo"], metrics={"accuracy": acc})
-        print(f"  {task.name:<22} trained {ref} in {seconds:.0f} s (accuracy {acc:.3f})")
+        print(f"  {task.name:<22} {kind:<6} trained {ref} in {seconds:.0f} s (accuracy {acc:.3f})")
         return ref
 
-    def method(self, label: str, build: Callable[[], Any], data: Any, test: Any, lr: float,
-               lr_routing: float | None = None) -> Any:
+    def method(self, label: str, build: Callable[[], Any], data: Any, test: Any, lr: float) -> Any:
         from .training import accuracy
         model = build()
-        seconds = self.train(model, data, label, lr, lr_routing)
+        seconds = self.train(model, data, label, lr)
         acc = accuracy(model, test, self.tokenizer)
-        self.rows.append((label, acc, model.trainable_parameters().trainable, seconds))
+        self.runs.setdefault(label, []).append((acc, model.trainable_parameters().trainable, seconds))
         return model
 
 
-def run(args: argparse.Namespace) -> list[tuple[str, float, int, float]]:
+def frozen_modules(model: Any) -> Any:
+    """The model with its modules frozen, so that only the trained head copy learns."""
+    model.adapters.requires_grad_(False)
+    return model
+
+
+def solve(demo: Demo, sources: list[Any], target: Any, ranking: Any, loras: dict[str, str]) -> dict[str, Any]:
+    """Every method on the target for the current seed; returns the models whose diagnostics are printed."""
+    from .transfer.methods import init_from
+    ph, length, top = demo.ph, demo.args.length, ranking.top(3)
+    base = lambda: demo.base(target.num_labels)  # noqa: E731  (a fresh copy per method)
+    demo.method("prompt tuning (scratch)", lambda: ph.attach(base(), ph.Prompt(length=length, init="vocab"),
+                head=True), target.train, target.test, lr=0.05)
+    demo.method("SPoT from the best-ranked source", lambda: init_from(ph.attach(base(), ph.Prompt(length=length),
+                head=True), ranking.best), target.train, target.test, lr=0.05)
+    worst = ranking.modules[ranking.names()[-1]]
+    demo.method("SPoT from the worst-ranked (control)", lambda: init_from(ph.attach(base(), ph.Prompt(length=length),
+                head=True), worst), target.train, target.test, lr=0.05)
+    attempt = demo.method(f"ATTEMPT over the top {len(top)}", lambda: ph.compose(base(), ph.AttentionMix(
+        top, target=ph.Prompt(length=length, init="vocab")), head=True), target.train, target.test, lr=0.05)
+    binary = [t for t in sources if t.num_labels == target.num_labels]
+    tasks = [t.name for t in binary] + [target.name]
+    data = {t.name: t.train[:128] for t in binary} | {target.name: target.train}
+    poly = demo.method(f"Poly LoRA, {len(tasks)} tasks", lambda: ph.compose(base(), ph.Poly(
+        tasks=tasks, skills=4, rank=4), head=True), data, {target.name: target.test}, lr=3e-3)  # α/r = 4: 1e-2 diverges
+    demo.method("LoRA r=8 (scratch)", lambda: ph.attach(base(), ph.LoRA(r=8, targets=("q", "v")), head=True),
+                target.train, target.test, lr=3e-3)
+    demo.method(f"Arrow over {len(loras)} source LoRAs, head only", lambda: ph.compose(
+        base(), ph.Arrow(list(loras.values()), top_k=2), head=True, registry=demo.registry),
+        target.train, target.test, lr=3e-3)
+    demo.method("head only (control for Arrow)", lambda: frozen_modules(ph.attach(base(), ph.IA3(targets=("q",)),
+                head=True)), target.train, target.test, lr=3e-3)  # a fresh IA3 is the identity: the plain model
+    return {"attempt": attempt, "poly": poly}
+
+
+def run(args: argparse.Namespace) -> dict[str, list[tuple[float, int, float]]]:
     from transformers.utils import logging as hf_logging
 
     from .routing.poly_export import plot_routing
-    from .tasks import load_task
+    from .tasks import families, load_task
     from .transfer import prompt_activations, score_matrix
-    from .transfer.methods import init_from
     from .transfer.plots import heatmap
+    from .transfer.stats import auc, fmt_ci, mean_ci
 
     hf_logging.set_verbosity_error()
     demo = Demo(args)
     ph, out = demo.ph, Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sources = [load_task(name, n_train=256, n_test=256, seed=args.seed) for name in args.sources]
-    target = load_task(args.target, n_train=args.shots, n_test=256, seed=args.seed)
-    print(f"model {demo.path}\nregistry {demo.registry.root}\n\n1. source prompts")
-    refs = {task.name: demo.source_prompt(task) for task in sources}
+    family = next(f for f, names in families().items() if args.target in names)
+    print(f"model {demo.path}\nregistry {demo.registry.root}\n\n1. source prompts and LoRAs")
+    refs = {task.name: demo.source(task, "prompt") for task in sources}
+    loras = {task.name: demo.source(task, "lora") for task in sources}
 
-    print(f"\n2. ranking sources for {target.name} ({len(target.train)} examples) by ON")
-    ranking = ph.rank_sources(demo.base(target.num_labels), target.train, refs, metric="on",
-                              tokenizer=demo.tokenizer, registry=demo.registry, target_steps=args.steps,
-                              lr=0.05, seed=args.seed)
-    print(ranking.table())
+    aucs, entropies = [], []
+    for seed in range(args.seed, args.seed + args.seeds):
+        demo.seed = seed
+        target = load_task(args.target, n_train=args.shots, n_test=256, seed=seed)
+        ranking = ph.rank_sources(demo.base(target.num_labels), target.train, refs, metric="on",
+                                  tokenizer=demo.tokenizer, registry=demo.registry, target_steps=args.steps,
+                                  lr=0.05, seed=seed)
+        scores = dict(ranking.rows)
+        aucs.append(auc([v for n, v in scores.items() if n in families()[family]],
+                        [v for n, v in scores.items() if n not in families()[family]]))
+        print(f"\n2. seed {seed}: sources ranked for {target.name} ({len(target.train)} examples) by ON, "
+              f"AUC of {family} sources {aucs[-1]:.2f}\n{ranking.table()}")
+        print(f"\n3. seed {seed}: solving {target.name}")
+        models = solve(demo, sources, target, ranking, loras)
+        entropies.append(float(models["attempt"].adapters["composed"]["attention_mix"].last_entropy().mean()))
 
-    print(f"\n3. solving {target.name}")
-    length, top = args.length, ranking.top(3)
-    demo.method("prompt tuning (scratch)", lambda: ph.attach(demo.base(target.num_labels),
-                ph.Prompt(length=length, init="vocab"), head=True), target.train, target.test, lr=0.05)
-    demo.method(f"SPoT init from {ranking.names(1)[0]}", lambda: init_from(ph.attach(
-        demo.base(target.num_labels), ph.Prompt(length=length), head=True), ranking.best),
-        target.train, target.test, lr=0.05)
-    demo.method(f"ATTEMPT over top {len(top)}", lambda: ph.compose(demo.base(target.num_labels), ph.AttentionMix(
-        top, target=ph.Prompt(length=length, init="vocab")), head=True), target.train, target.test, lr=0.05)
-    binary = [t for t in sources if t.num_labels == target.num_labels]
-    tasks = [t.name for t in binary] + [target.name]
-    data = {t.name: t.train[:128] for t in binary} | {target.name: target.train}
-    poly = demo.method(f"Poly LoRA, {len(tasks)} tasks", lambda: ph.compose(demo.base(target.num_labels), ph.Poly(
-        tasks=tasks, skills=4, rank=4), head=True), data, {target.name: target.test}, lr=3e-3)  # α/r = 4: 1e-2 diverges
+    print(f"\n| method | accuracy on {target.name}, mean ± 95% CI over {args.seeds} seeds | trainable params "
+          "| train time per run |\n|---|---|---|---|")
+    for label, runs in demo.runs.items():
+        mean, half, _ = mean_ci([r[0] for r in runs])
+        print(f"| {label} | {fmt_ci(mean, half)} | {runs[0][1]:,} | {sum(r[2] for r in runs) / len(runs):.0f} s |")
+    print(f"\nranking AUC ({family} sources above the others; 0.5 = chance): {fmt_ci(*mean_ci(aucs)[:2])}; "
+          f"ATTEMPT attention entropy / ln(S+1) on the last test batch (1 = uniform): {fmt_ci(*mean_ci(entropies)[:2])}")
 
-    print(f"\n| method | accuracy on {target.name} | trainable params | train time |\n|---|---|---|---|")
-    for label, acc, params, seconds in demo.rows:
-        print(f"| {label} | {acc:.3f} | {params:,} | {seconds:.0f} s |")
-
-    plot_routing(poly).savefig(out / "routing.png", dpi=120, bbox_inches="tight")
+    plot_routing(models["poly"]).savefig(out / "routing.png", dpi=120, bbox_inches="tight")
     prompts = {t.name: demo.registry.load(refs[t.name], demo.base(2), heads=False).adapters["source"]["prompt"]
                .embeddings.detach() for t in sources}
     prompts[target.name] = ranking.target_prompt
@@ -154,7 +196,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, float, int, float]]:
     scores = score_matrix("on", acts, acts).numpy()
     heatmap(scores, list(prompts), list(prompts), title="ON transferability", path=out / "transfer.png")
     print(f"\nsaved {out / 'routing.png'} and {out / 'transfer.png'}")
-    return demo.rows
+    return demo.runs
 
 
 def main(args: argparse.Namespace) -> int:

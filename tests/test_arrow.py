@@ -304,7 +304,7 @@ def test_export_loads_in_peft_create_arrow_model_with_the_same_outputs(tmp_path,
     from peft import ArrowConfig, create_arrow_model
     general = clear_loras(1, seed=5, sigma=(0.05, 0.04, 0.03, 0.02)) if gks else None
     ours = ph.compose(tiny.bert(), ph.Arrow(clear_loras(3), top_k=2, temperature=0.5, gks=general))
-    out = ph.routing.export_arrow_peft(ours, tmp_path / "arrow")
+    out = ph.hub.export_arrow_peft(ours, tmp_path / "arrow")
     config = ArrowConfig(**json.loads((out / "arrow_config.json").read_text()))
     peft_model = create_arrow_model(tiny.bert(), [str(out / f"task_{i}") for i in range(3)], config)
     torch.testing.assert_close(tiny.run(peft_model, tiny.batch("bert")), tiny.run(ours, tiny.batch("bert")),
@@ -314,10 +314,10 @@ def test_export_loads_in_peft_create_arrow_model_with_the_same_outputs(tmp_path,
 def test_export_refuses_what_peft_arrow_cannot_express(tmp_path):
     mixed = ph.compose(tiny.bert(), ph.Arrow(trained_loras(specs=[(4, ("q", "v")), (2, ("q", "v"))])))
     with pytest.raises(ConfigError, match="same layers with one rank"):
-        ph.routing.export_arrow_peft(mixed, tmp_path / "a")
+        ph.hub.export_arrow_peft(mixed, tmp_path / "a")
     dense = ph.compose(tiny.bert(), ph.Arrow(trained_loras(specs=[(4, ("q", "o"))] * 2)))
     with pytest.raises(ConfigError, match="routes on every module named"):
-        ph.routing.export_arrow_peft(dense, tmp_path / "b")
+        ph.hub.export_arrow_peft(dense, tmp_path / "b")
 
 
 def test_the_built_model_does_not_keep_the_source_models_alive():

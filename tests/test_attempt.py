@@ -11,6 +11,7 @@ import pelthub as ph
 from pelthub.errors import ConfigError, NotFoundError, RoutingError
 from pelthub.modules.base import CallContext, CallState
 from pelthub.modules.config import config_from_dict
+from pelthub.routing.attention import AttentionMixConfig
 from tests import tiny
 
 D = 32  # width of the tiny models
@@ -80,7 +81,8 @@ def test_weights_sum_to_one_differ_between_inputs_and_match_the_formula():
     keys = torch.stack([c.detach().amax(0) for c in [*m.sources, m.targets[0]]])  # calibrated: RMS distance to the mean key
     assert m.temperature == pytest.approx(math.sqrt(((keys - keys.mean(0)) ** 2).sum(1).mean()), rel=1e-5)
     assert m.config.temperature == m.temperature  # written into the config, so a saved module keeps it
-    assert mix(ph.compose(tiny.bert(), m.config.replace(temperature=None))).temperature == pytest.approx(D * math.e)
+    paper = ph.AttentionMix(sources(4), target=ph.Prompt(length=4), temperature=None)
+    assert mix(ph.compose(tiny.bert(), paper)).temperature == pytest.approx(D * math.e)
     embeds = model.base.get_input_embeddings()(inputs["input_ids"])
     want_p, want_a = explicit(m, embeds, inputs["attention_mask"])
     torch.testing.assert_close(m.prompt(embeds, inputs["attention_mask"], CallContext()), want_p)
@@ -99,7 +101,7 @@ def test_padding_does_not_change_the_weights(pool):
     a = mix(model).last_attention()
     run(model, long)
     torch.testing.assert_close(mix(model).last_attention(), a, atol=1e-7, rtol=0)
-    unmasked = ph.compose(tiny.bert(), mix(model).config.replace(mask_padding=False))
+    unmasked = ph.ModularModel(tiny.bert()).add("composed", [mix(model).config.replace(mask_padding=False)], init=False)
     unmasked.adapters["composed"].load_state_dict(model.adapters["composed"].state_dict())
     run(unmasked, long)
     assert not torch.allclose(mix(unmasked).last_attention(), a, atol=1e-7, rtol=0)
@@ -235,7 +237,7 @@ def test_sources_given_as_modules_models_or_registry_refs():
         def __init__(self):
             self.asked = []
 
-        def load(self, ref, base):
+        def load(self, ref, base, heads=True):
             self.asked.append(ref)
             return trained
 
@@ -282,7 +284,7 @@ def test_config_is_json_and_validated():
     cfg = ph.AttentionMix(sources(2), target=ph.Prompt(length=4), tasks=["a", "b"], temperature=3.0, pool="mean")
     data = json.loads(json.dumps(cfg.to_dict()))
     assert data["sources"] == ["s0", "s1"] and data["target"]["kind"] == "prompt"
-    assert config_from_dict(data) == cfg
+    assert config_from_dict(data) == cfg.config and isinstance(cfg.config, AttentionMixConfig)
     for bad in [dict(pool="min"), dict(temperature=0), dict(tasks=[]), dict(bottleneck=0),
                 dict(target=ph.LoRA()), dict(sources=["x", "x"]), dict(sources="x")]:
         with pytest.raises(ConfigError):

@@ -8,8 +8,10 @@ from transformers import BertConfig, BertForSequenceClassification
 import pelthub as ph
 from pelthub.composition import block_from_dict, parents
 from pelthub.composition.merge import ties
-from pelthub.errors import ConfigError, IncompatibleModuleError
+from pelthub.modules.base import site_name
+from pelthub.errors import ConfigError, IncompatibleModuleError, ModuleFormatError
 from tests import tiny
+from tests.hub_fixtures import local_hub  # noqa: F401  (pytest fixture)
 
 TARGETS = ("q", "v", "down")
 
@@ -261,3 +263,98 @@ def test_search_weights_takes_a_loss_function_and_checks_its_inputs():
         ph.search_weights(tiny.bert(), models, {"input_ids": ids}, steps=2)
     with pytest.raises(ConfigError, match="bounds"):
         ph.search_weights(tiny.bert(), models, {"input_ids": ids}, bounds=(1.0, -1.0))
+
+
+# ------------------------------------------------------------------ composition as data
+def edited_base(deltas_and_weights):
+    """A fresh tiny BERT with Σ wᵢ ΔWᵢ added into its weights by hand: the reference for sums of LoRAs."""
+    base = tiny.bert()
+    with torch.no_grad():
+        for weight, lora in deltas_and_weights:
+            for key, layer in lora.layers.items():
+                base.get_submodule(site_name(key)).weight.add_(weight * layer.delta_weight())
+    return base
+
+
+def test_nested_blocks_compute_the_math_and_save_as_blocks(tmp_path):
+    a, b, c = (trained(ph.LoRA(r=r, alpha=al, targets=TARGETS), seed=s) for s, (r, al) in enumerate([(2, 4.0), (3, 1.0), (2, 2.0)]))
+    for name, m in zip("abc", (a, b, c)):
+        m.save_pretrained(tmp_path / name)
+    inputs = tiny.batch("bert")
+    inner = ph.Average(str(tmp_path / "a"), str(tmp_path / "b"))
+    block = ph.Stack(ph.Average(inner, str(tmp_path / "c")), ph.IA3())
+    model = ph.compose(tiny.bert(), block)
+    # Average(Average(a, b), c) = ¼ΔW_a + ¼ΔW_b + ½ΔW_c, and a fresh IA3 scales by 1
+    reference = edited_base([(0.25, module(a, "lora")), (0.25, module(b, "lora")), (0.5, module(c, "lora"))])
+    torch.testing.assert_close(run(model, inputs), run(reference, inputs), atol=1e-5, rtol=1e-5)
+    assert model.composition == [{**block.to_dict(), "sets": ["composed", "composed-1"]}]
+    assert [m.config.kind for s in model.adapters.values() for m in s.values()] == ["lora", "ia3"]
+
+    model.save_pretrained(tmp_path / "composite")
+    saved = json.loads((tmp_path / "composite" / "pelthub.json").read_text())
+    assert saved["composition"][0]["block"] == "stack"
+    assert saved["composition"][0]["sources"][0] == {"block": "average", "sources": [inner.to_dict(), str(tmp_path / "c")]}
+    loaded = ph.from_pretrained(tiny.bert(), tmp_path / "composite")
+    assert torch.equal(run(loaded, inputs), run(model, inputs))
+    assert loaded.composition == model.composition
+    assert block_from_dict(loaded.composition[0]) == block  # the structure itself comes back
+    loaded.remove("composed-1")
+    assert loaded.composition == []  # a block whose sets were removed is no longer part of the model
+
+
+def test_a_stack_of_several_modules_cannot_be_summed():
+    lora = trained(ph.LoRA(r=2, targets=TARGETS))
+    with pytest.raises(ConfigError, match="inside a sum is more than one module"):
+        ph.compose(tiny.bert(), ph.Average(ph.Stack(lora, lora), lora))
+
+
+def test_in_memory_sources_are_recorded_but_not_rebuilt(tmp_path):
+    lora = trained(ph.LoRA(r=2, targets=TARGETS))
+    model = ph.compose(tiny.bert(), ph.Average(lora, lora))
+    assert model.composition[0]["sources"] == [{"in_memory": "ModularModel"}] * 2
+    with pytest.raises(ConfigError, match="in-memory ModularModel"):
+        block_from_dict(model.composition[0])
+    model.save_pretrained(tmp_path / "m")
+    data = json.loads((tmp_path / "m" / "pelthub.json").read_text())
+    data["composition"][0]["sets"] = ["not-there"]
+    (tmp_path / "m" / "pelthub.json").write_text(json.dumps(data))
+    with pytest.raises(ModuleFormatError, match="not-there"):
+        ph.from_pretrained(tiny.bert(), tmp_path / "m")
+
+
+def test_nested_composition_travels_through_the_hub_with_its_parents(tmp_path, local_hub):  # noqa: F811
+    alice, bob = ph.Registry(tmp_path / "alice"), ph.Registry(tmp_path / "bob")
+    a, b = (trained(ph.LoRA(r=2, targets=TARGETS), seed=s) for s in (1, 2))
+    refs = [alice.add(m, name=n) for n, m in (("lora-a", a), ("lora-b", b))]
+    block = ph.Stack(ph.Average(*refs), ph.IA3())
+    model = ph.compose(tiny.bert(), block, registry=alice)
+    model.save_pretrained(tmp_path / "composite")
+    top = alice.add(tmp_path / "composite", name="composite")
+    for ref, repo in zip([*refs, top], ["alice/a", "alice/b", "alice/composite"]):
+        alice.push(ref, repo, endpoint=local_hub.endpoint)
+    pulled = bob.pull("alice/composite", endpoint=local_hub.endpoint)
+    assert {p["ref"] for p in bob.get(pulled).parents} == {bob.get(r).ref for r in ("lora-a", "lora-b")}
+    loaded = bob.load(pulled, tiny.bert())
+    inputs = tiny.batch("bert")
+    torch.testing.assert_close(run(loaded, inputs), run(edited_base([(0.5, module(a, "lora")), (0.5, module(b, "lora"))]),
+                                                        inputs), atol=1e-5, rtol=1e-5)
+    assert block_from_dict(loaded.composition[0]) == block
+
+
+def test_sources_are_taken_without_their_heads(tmp_path):
+    """A source trained with a head for another label count still composes: reused modules never bring heads."""
+    source = ph.attach(tiny.bert(num_labels=4), ph.LoRA(r=2, targets=TARGETS), head=True)
+    with torch.no_grad():
+        for _, p in source.module_parameters():
+            p.add_(torch.randn(p.shape) * 0.3)
+    assert source.heads
+    registry = ph.Registry(tmp_path / "reg")
+    ref = registry.add(source, name="four-labels")
+    source.save_pretrained(tmp_path / "dir")
+    for part in (ref, str(tmp_path / "dir")):
+        model = ph.compose(tiny.bert(num_labels=2), ph.Average(ph.Stack(part)), registry=registry)
+        reference = edited_base([(1.0, module(source, "lora"))])
+        torch.testing.assert_close(run(model, tiny.batch("bert")), run(reference, tiny.batch("bert")),
+                                   atol=1e-5, rtol=1e-5)
+    arrow = ph.compose(tiny.bert(num_labels=2), ph.Arrow([ref], top_k=1), registry=registry)
+    assert not arrow.heads

@@ -190,3 +190,15 @@ def test_generate_equals_greedy_decoding_by_hand(arch, kind):
             {"input_ids": seq, "attention_mask": torch.ones_like(seq)}
         seq = torch.cat([seq, run(model, kwargs)[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(got, seq)
+
+
+def test_a_prompt_on_a_decoder_only_classifier_keeps_sequence_labels():
+    """(B,) class labels are not token labels: they must reach the head's loss unchanged."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    torch.manual_seed(0)
+    base = GPT2ForSequenceClassification(GPT2Config(vocab_size=tiny.VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                                    n_positions=128, pad_token_id=0, num_labels=3)).eval()
+    model = ph.attach(base, ph.Prompt(length=4))
+    inputs, labels = tiny.batch("gpt2"), torch.tensor([0, 2, 1])
+    out = model(**inputs, labels=labels)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))

@@ -11,9 +11,10 @@ import pelthub as ph
 from pelthub.errors import ConfigError, DuplicateNameError, RoutingError
 from pelthub.hub.peft_poly import from_peft_state_dict, to_peft_config, to_peft_state_dict
 from pelthub.modules.config import config_from_dict
-from pelthub.routing import (add_task, export_task_lora, param_groups, plot_routing, poly_module,
+from pelthub.routing import (add_task, export_task_lora, plot_routing, poly_module,
                              task_lora_state)
 from pelthub.routing.poly import PolyLinear
+from pelthub.training import param_groups
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,7 +187,7 @@ def test_few_shot_on_a_new_task_moves_its_row_and_the_skills_only():
     rows = {g: z[:3].clone() for g, z in module.router.items()}
     new_rows = {g: z[3].clone() for g, z in module.router.items()}
     b_before = next(iter(module.layers.values())).lora_b.clone()
-    optimizer = torch.optim.AdamW(param_groups(model, lr_modules=1e-2, lr_routing=0.1))
+    optimizer = torch.optim.AdamW(param_groups(model, 1e-2, lr_routing=0.1))
     inputs, labels = tiny.batch("bert"), torch.tensor([0, 1, 1])
     for _ in range(3):
         model(**inputs, task_ids=["new"] * 3, labels=labels).loss.backward()
@@ -201,7 +202,7 @@ def test_few_shot_on_a_new_task_moves_its_row_and_the_skills_only():
 def test_gradients_reach_routing_after_the_first_step():
     model = ph.compose(tiny.bert(), ph.Poly(tasks=TASKS, skills=3, rank=2, heads=2)).train()
     module = poly_module(model)
-    optimizer = torch.optim.SGD(param_groups(model, lr_modules=0.1, lr_routing=0.1))
+    optimizer = torch.optim.SGD(param_groups(model, 0.1, lr_routing=0.1))
     inputs, labels = tiny.batch("bert"), torch.tensor([0, 1, 1])
     model(**inputs, task_ids=[0, 1, 2], labels=labels).loss.backward()
     z = next(iter(module.router.values()))
@@ -224,7 +225,7 @@ def test_eval_is_deterministic_and_training_samples():
 
 def test_param_groups_split_routing_logits():
     model = composed()
-    groups = param_groups(model, lr_modules=1e-3, lr_routing=0.1, weight_decay=0.01)
+    groups = param_groups(model, 1e-3, lr_routing=0.1, weight_decay=0.01)
     routing = {id(p) for p in poly_module(model).router.values()}
     assert [g["lr"] for g in groups] == [1e-3, 0.1]
     assert {id(p) for p in groups[1]["params"]} == routing and groups[1]["weight_decay"] == 0.0
@@ -289,7 +290,7 @@ def test_from_modules_resolves_registry_refs_and_unhooks_the_base():
         def __init__(self):
             self.sources = {f"task-{i}": lora_model(tiny.bert(), 2, 2.0, i) for i in range(2)}
 
-        def load(self, ref, base):
+        def load(self, ref, base, heads=True):
             loaded = ph.attach(base, ph.LoRA(r=2, alpha=2.0), name="loaded")
             loaded.adapters["loaded"].load_state_dict(self.sources[ref].adapters["default"].state_dict())
             return loaded
@@ -315,7 +316,7 @@ def test_routing_only_over_an_inventory_trains_only_the_router():
     assert trainable and all("router" in n for n in trainable)
     before = {k: layer.lora_b.clone() for k, layer in module.layers.items()}
     z_before = [z.clone() for z in module.router.values()]
-    optimizer = torch.optim.AdamW(param_groups(model, lr_routing=0.1))
+    optimizer = torch.optim.AdamW(param_groups(model, 1e-3, lr_routing=0.1))
     model(**tiny.batch("bert"), task_ids=["new1", "new2", "new1"], labels=torch.tensor([0, 1, 0])).loss.backward()
     optimizer.step()
     assert all(torch.equal(layer.lora_b, before[k]) for k, layer in module.layers.items())

@@ -18,7 +18,7 @@ import torch
 import pelthub as ph
 from pelthub.errors import (ConfigError, IncompatibleModuleError, IntegrityError, ModuleFormatError, NotFoundError,
                             RegistryError)
-from pelthub.model.sites import Sites
+from pelthub.sites import Sites
 from pelthub.registry import Card
 from pelthub.registry.blobs import file_sha256
 from pelthub.registry.card import FIELDS, OPTIONAL
@@ -433,3 +433,20 @@ def test_four_processes_adding_fifty_each(tmp_path):
         assert card.name == f"n{i % 10}"
         assert card.files["modules.safetensors"]["sha256"] == file_sha256(sources / str(i) / "modules.safetensors")
     assert reg.verify().ok and reg.verify().blobs_checked == 201  # 200 weights files + 1 shared pelthub.json
+
+
+def test_card_counts_trainable_parameters_as_the_module_file_does(tmp_path):
+    """ATTEMPT saves its frozen source prompts; the card counts only what trains, like pelthub.json."""
+    sources = {f"s{i}": torch.randn(4, 32) for i in range(3)}
+    model = ph.compose(tiny.bert(), ph.AttentionMix(sources, target=ph.Prompt(length=4), bottleneck=5))
+    trainable = 2 * 32 * 5 + 2 * 32 + 4 * 32  # router down/up, LayerNorm, one target prompt
+    registry = ph.Registry(tmp_path / "reg")
+    card = registry.get(registry.add(model, name="attempt"))
+    saved = json.loads((registry.path(card.ref) / "pelthub.json").read_text())
+    assert card.trainable_parameters == saved["trainable_parameters"] == trainable
+    model.save_pretrained(tmp_path / "bad")
+    data = json.loads((tmp_path / "bad" / "pelthub.json").read_text())
+    data["trainable_parameters"] = 10**9
+    (tmp_path / "bad" / "pelthub.json").write_text(json.dumps(data))
+    with pytest.raises(ModuleFormatError, match="trainable_parameters"):
+        registry.add(tmp_path / "bad", name="bad")

@@ -237,3 +237,16 @@ def test_force_gate_rejects_a_missing_part():
     model = ph.compose(tiny.bert(), ph.UniPELT(lora=ph.LoRA(r=2)))
     with pytest.raises(ConfigError, match="no 'prefix' submodule"):
         unipelt(model).force_gate("prefix", 0.0)
+
+
+def test_gates_on_flattened_ffn_rows_stay_per_example():
+    """OPT runs its FFN on (B·n, d) rows: each example's gate must still be its own (batch = each alone)."""
+    model = ph.compose(tiny.family("opt"), ph.UniPELT(lora=ph.LoRA(r=2), adapter=ph.Bottleneck(reduction=4)))
+    tiny.perturb(model)
+    ids = torch.randint(3, tiny.VOCAB, (3, 6))
+    with torch.no_grad():
+        batch = model(input_ids=ids).logits
+        alone = torch.cat([model(input_ids=ids[i:i + 1]).logits for i in range(3)])
+        gates = model.adapters["composed"]["unipelt"].gate_values()
+    torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-5)
+    assert all(g.shape == (1,) for parts in gates.values() for g in parts.values())

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 import pelthub as ph
-from pelthub.tiny import BUILDERS, VOCAB, batch, bert, gpt2, llama, perturb, roberta, t5  # noqa: F401
+from pelthub.tiny import BUILDERS, FAMILIES, VOCAB, batch, bert, family, gpt2, llama, perturb, roberta, t5  # noqa: F401
 
 
 def run(model, inputs) -> torch.Tensor:

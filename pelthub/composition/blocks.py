@@ -4,10 +4,12 @@ A *source* is a module to reuse, given as one of
 
 - a saved module directory (what `save_pretrained` writes), as str or Path;
 - a registry ref, 'name' or 'name@version' (a string that is not a directory),
-  loaded with `registry.load(ref, base)`;
+X
 - an in-memory module: a ModularModel holding it, or a built module such as
   the result of `merge`;
-- inside `Stack` also a ModuleConfig: a fresh module that trains.
+- inside `Stack` also a ModuleConfig: a fresh module that trains;
+- another block: blocks nest, e.g. `Stack(Average(a, b), ph.IA3())` or
+  `Average(Average(a, b), c)` (a source of a sum must come to one module).
 
 Blocks (`compose` turns them into attached module sets):
 
@@ -22,7 +24,11 @@ Blocks (`compose` turns them into attached module sets):
 
 Modules taken from sources are frozen in the composed model (their heads are
 not taken); configs in a Stack train. Blocks whose sources are directories,
-refs or configs round-trip through `to_dict` / `block_from_dict`.
+refs, configs or such blocks round-trip through `to_dict` / `block_from_dict`.
+A composed model keeps its blocks as data in `model.composition` (each with
+the module sets it became under "sets"), which `save_pretrained` writes into
+pelthub.json beside the attached (for sums: already merged) modules, so a
+loaded model has the same structure and the same outputs.
 """
 from __future__ import annotations
 
@@ -35,11 +41,13 @@ from torch import nn
 
 from ..errors import ConfigError, IncompatibleModuleError
 from ..model import ModularModel, from_pretrained
-from ..model.sites import Sites
+from ..sites import Sites
 from ..modules.base import PeltModule
-from ..modules.config import ModuleConfig, config_from_dict
+from ..modules.config import ModuleConfig, Sourced, config_from_dict
+from ..registry import parent_entries, require_registry
 
-Source = Union[str, os.PathLike, ModularModel, PeltModule, ModuleConfig]
+Source = Union[str, os.PathLike, ModularModel, PeltModule, ModuleConfig, Sourced, "Block"]
+IN_MEMORY = "in_memory"  # how a source without a name (a module object) is written in `model.composition`
 _BLOCKS: dict[str, type["Block"]] = {}
 
 
@@ -53,8 +61,10 @@ class Block:
         super().__init_subclass__(**kwargs)
         _BLOCKS[cls.name] = cls
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"block": self.name, "sources": [_source_to_data(s) for s in self.sources]}
+    def to_dict(self, strict: bool = True) -> dict[str, Any]:
+        """The block as JSON data; strict=False writes in-memory sources as {"in_memory": what} (a record
+        of the structure that cannot be rebuilt) instead of raising."""
+        return {"block": self.name, "sources": [_source_to_data(s, strict) for s in self.sources]}
 
 
 @dataclass(frozen=True, init=False)
@@ -88,8 +98,8 @@ class WeightedSum(Block):
                               f"got {self.weights!r}")
         object.__setattr__(self, "weights", tuple(float(w) for w in weights))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "weights": list(self.weights)}
+    def to_dict(self, strict: bool = True) -> dict[str, Any]:
+        return {**super().to_dict(strict), "weights": list(self.weights)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "WeightedSum":
@@ -124,7 +134,7 @@ def block_from_dict(data: dict[str, Any]) -> Block:
 
 def _checked_sources(what: str, sources: Any, configs: bool = True) -> tuple[Source, ...]:
     sources = tuple(sources)
-    allowed = (str, os.PathLike, ModularModel, PeltModule) + ((ModuleConfig,) if configs else ())
+    allowed = (str, os.PathLike, ModularModel, PeltModule, Block) + ((ModuleConfig, Sourced) if configs else ())
     bad = [s for s in sources if not isinstance(s, allowed)]
     if not sources or bad:
         raise ConfigError(f"{what} takes one or more modules: saved directories, registry refs, ModularModels or "
@@ -132,17 +142,30 @@ def _checked_sources(what: str, sources: Any, configs: bool = True) -> tuple[Sou
     return sources
 
 
-def _source_to_data(source: Source) -> Any:
-    if isinstance(source, ModuleConfig):
+def _source_to_data(source: Source, strict: bool = True) -> Any:
+    if isinstance(source, Block):
+        return source.to_dict(strict)
+    if isinstance(source, (ModuleConfig, Sourced)):
         return source.to_dict()
     if isinstance(source, (str, os.PathLike)):
         return os.fspath(source)
+    if not strict:
+        return {IN_MEMORY: _describe(source)}
     raise ConfigError(f"an in-memory {type(source).__name__} cannot be written as data; save it "
                       "(save_pretrained or Registry.add) and reference its directory or registry ref")
 
 
 def _source_from_data(data: Any) -> Source:
-    return config_from_dict(data) if isinstance(data, dict) else data
+    if isinstance(data, dict) and "block" in data:
+        return block_from_dict(data)
+    if isinstance(data, dict) and IN_MEMORY in data:
+        raise ConfigError(f"this block was composed from an in-memory {data[IN_MEMORY]}, which has no name to "
+                          "rebuild it from; the composed model's saved modules hold its result")
+    if isinstance(data, dict):
+        return config_from_dict(data)
+    if not isinstance(data, str):
+        raise ConfigError(f"a block source must be a directory, a registry ref, a config or a block, got {data!r}")
+    return data
 
 
 # ----- resolving sources to built modules -----
@@ -165,9 +188,10 @@ def load_source(source: Source, base: nn.Module | None, registry: Any = None) ->
     if base is None:
         raise ConfigError(f"loading {os.fspath(source)!r} needs the base model: pass base=")
     if Path(source).is_dir():
-        loaded = from_pretrained(raw_base(base), source)
+        loaded = from_pretrained(raw_base(base), source, heads=False)
     else:
-        loaded = _registry(registry).load(os.fspath(source), raw_base(base))
+        loaded = require_registry(registry, f"source {os.fspath(source)!r}").load(os.fspath(source), raw_base(base),
+                                                                            heads=False)
     modules = [m for s in loaded.adapters.values() for m in s.values()]
     loaded.detach()
     return modules
@@ -187,22 +211,13 @@ def parents(*blocks: Any, registry: Any = None) -> list[dict[str, Any]]:
 
     Directories and in-memory modules have no registry identity and are not listed.
     """
-    refs = [s for b in blocks if isinstance(b, Block) for s in b.sources
-            if isinstance(s, str) and not Path(s).is_dir()]
-    registry = _registry(registry) if refs else registry
-    out = []
-    for ref in dict.fromkeys(refs):
-        card = registry.get(ref)
-        out.append({"ref": getattr(card, "ref", ref), "sha256": getattr(card, "digest", None)})
-    return out
+    refs = [s for b in blocks if isinstance(b, Block) for s in _leaves(b) if isinstance(s, str) and not Path(s).is_dir()]
+    return parent_entries(require_registry(registry, f"source {refs[0]!r}"), refs) if refs else []
 
 
-def _registry(registry: Any) -> Any:
-    """The registry given (anything with `.load(ref, base)` and `.get(ref)`), else the local one."""
-    if registry is not None:
-        return registry
-    from ..registry import Registry  # the registry depends on modules only; import it when refs are used
-    return Registry()
+def _leaves(block: Block) -> list[Source]:
+    """The sources of a block and of the blocks nested in it, in order."""
+    return [leaf for s in block.sources for leaf in (_leaves(s) if isinstance(s, Block) else [s])]
 
 
 def _describe(source: Source) -> str:

@@ -9,7 +9,9 @@ ref, a ModularModel or a built module such as `merge`'s result) is read as
 block adds sets named `name`, `name-1`, `name-2`, ... in order. So a composed
 model is a ModularModel and saves, loads and detaches like one.
 
-A composed model records the registry modules it reuses in `model.parents`
+A composed model keeps its blocks as data in `model.composition` (see
+blocks.py), saved into pelthub.json and read back by `from_pretrained`, and
+records the registry modules it reuses in `model.parents`
 ({"ref", "sha256"} each); pass them on when saving, so the registry keeps the
 dependency graph: `model.save_pretrained(dir, parents=model.parents)`.
 """
@@ -25,12 +27,12 @@ from ..errors import ConfigError, IncompatibleModuleError
 from ..model import ModularModel
 from ..model.modular import warn_if_wrapped
 from ..modules.base import PeltModule
-from ..modules.config import ModuleConfig
+from ..modules.config import Buildable, ModuleConfig, Sourced
 from ..modules.prompt import PromptModule
 from .blocks import Block, Stack, load_single, load_source, parents
 from .merge import merge
 
-Part = Union[ModuleConfig, Block, str, os.PathLike, ModularModel, PeltModule]
+Part = Union[ModuleConfig, Sourced, Block, str, os.PathLike, ModularModel, PeltModule]
 
 
 def compose(base: nn.Module, *blocks: Part, name: str = "composed", head: bool | str = False,
@@ -38,15 +40,16 @@ def compose(base: nn.Module, *blocks: Part, name: str = "composed", head: bool |
     """Attach configs and composition blocks to `base` (see the module docstring).
 
     head: train a copy of the task head with the first set. registry: resolves
-    registry-ref sources (default: the local `Registry()`).
+    registry-ref sources (needed when a block names one).
     """
-    groups = _groups(blocks)
+    groups = _groups(blocks, registry)
     if not isinstance(base, ModularModel):
         warn_if_wrapped(base)
     model = base if isinstance(base, ModularModel) else ModularModel(base)
-    names, added = _names(model, name), []
+    names, added, composition = _names(model, name), [], []
     try:
         for group in groups:
+            start = len(added)
             for set_name, item in _sets(group, model, names, registry):
                 first = not added
                 if isinstance(item, list):
@@ -54,16 +57,19 @@ def compose(base: nn.Module, *blocks: Part, name: str = "composed", head: bool |
                 else:
                     attach_copy(model, set_name, item, head=head if first else False)
                 added.append(set_name)
+            if isinstance(group, Block):
+                composition.append({**group.to_dict(strict=False), "sets": added[start:]})
     except BaseException:
         for set_name in reversed(added):
             model.remove(set_name)
         if model is not base:
             model.detach()
         raise
-    found = parents(*groups, registry=registry) + [  # routers that resolved registry refs (ATTEMPT sources)
+    found = parents(*groups, registry=registry) + [  # routers that resolved registry refs (ATTEMPT, Arrow)
         p for set_name in added for m in model.adapters[set_name].values() if callable(getattr(m, "parents", None))
-        for p in m.parents(registry)]
+        for p in m.parents()]
     model.parents = model.parents + [p for p in found if p not in model.parents]
+    model.composition = model.composition + composition
     return model
 
 
@@ -98,11 +104,16 @@ def weighted_sum(modules: list[PeltModule], weights: tuple[float, ...]) -> PeltM
                       "use Stack to apply other modules in sequence")
 
 
-def _groups(blocks: tuple[Part, ...]) -> list[list[ModuleConfig] | Block]:
-    """Consecutive configs as one list; other parts as blocks (a bare source as Stack(source))."""
-    groups: list[list[ModuleConfig] | Block] = []
+def _groups(blocks: tuple[Part, ...], registry: Any) -> list[list[Buildable] | Block]:
+    """Consecutive configs as one list; other parts as blocks (a bare source as Stack(source)).
+
+    A `Sourced` config without a registry of its own gets compose's.
+    """
+    groups: list[list[Buildable] | Block] = []
     for part in blocks:
-        if isinstance(part, ModuleConfig):
+        if isinstance(part, Sourced):
+            part = part.given(registry=registry)
+        if isinstance(part, (ModuleConfig, Sourced)):
             if groups and isinstance(groups[-1], list):
                 groups[-1].append(part)
             else:
@@ -117,21 +128,34 @@ def _groups(blocks: tuple[Part, ...]) -> list[list[ModuleConfig] | Block]:
     return groups
 
 
-def _sets(group: list[ModuleConfig] | Block, model: ModularModel, names: Iterator[str],
-          registry: Any) -> Iterator[tuple[str, list[ModuleConfig] | PeltModule]]:
+def _sets(group: list[Buildable] | Block, model: ModularModel, names: Iterator[str],
+          registry: Any) -> Iterator[tuple[str, list[Buildable] | PeltModule]]:
     """(set name, configs or built module) to attach for one group."""
     if isinstance(group, list):
         yield next(names), group
     elif isinstance(group, Stack):
         for source in group.sources:
-            if isinstance(source, ModuleConfig):
-                yield next(names), [source]
+            if isinstance(source, (ModuleConfig, Sourced)):
+                yield next(names), [source.given(registry=registry) if isinstance(source, Sourced) else source]
+            elif isinstance(source, Block):
+                yield from _sets(source, model, names, registry)
             else:
                 for module in load_source(source, model.base, registry):
                     yield next(names), module
     else:
-        modules = [load_single(s, model.base, registry) for s in group.sources]
-        yield next(names), weighted_sum(modules, group.weights)
+        yield next(names), _one_module(group, model, registry)
+
+
+def _one_module(source: Any, model: ModularModel, registry: Any) -> PeltModule:
+    """The single module a source of a sum comes to: a loaded module, or a nested sum merged exactly."""
+    if isinstance(source, Stack) and len(source.sources) == 1:
+        return _one_module(source.sources[0], model, registry)
+    if isinstance(source, Stack):
+        raise ConfigError(f"a Stack of {len(source.sources)} sources inside a sum is more than one module; "
+                          "sum its LoRAs or prompts with Average / WeightedSum instead")
+    if isinstance(source, Block):
+        return weighted_sum([_one_module(s, model, registry) for s in source.sources], source.weights)
+    return load_single(source, model.base, registry)
 
 
 def _names(model: ModularModel, name: str) -> Iterator[str]:

@@ -34,7 +34,7 @@ from ..model import ModularModel
 from ..model.io import CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE, read_description
 from ..modules.base import site_key, site_name
 from ..modules.config import one_of
-from ..registry import Registry
+from ..registry import Registry, require_registry
 from ..registry.card import HUB_ID_RE
 from .client import bounded, resolve
 from .fetch import download
@@ -67,7 +67,7 @@ def export(source: str | os.PathLike | ModularModel, directory: str | os.PathLik
         if not isinstance(source, str):
             raise ConfigError("export(format='pelthub') takes a registry ref; write a model's files with "
                               "model.save_pretrained(dir)")
-        reg = Registry() if registry is None else registry
+        reg = require_registry(registry, f"export({source!r})")
         return write_folder(reg, reg.get(source), Path(directory))
     with _pelthub_folder(source, registry) as (folder, title):
         return to_peft(folder, directory, task_type=task_type, title=title)
@@ -82,7 +82,7 @@ def _pelthub_folder(source: Any, registry: Registry | None) -> Iterator[tuple[Pa
     elif isinstance(source, (str, os.PathLike)) and (Path(source) / CONFIG_FILE).is_file():
         yield Path(source), Path(source).name
     elif isinstance(source, str):
-        reg = Registry() if registry is None else registry
+        reg = require_registry(registry, f"export({source!r})")
         card = reg.get(source)
         yield reg.path(card.ref), card.ref
     else:
@@ -207,7 +207,7 @@ def import_peft(source: str | os.PathLike, registry: Registry | None = None, nam
     `base` if given, else from a weightless copy of `base_model_name_or_path`
     built from its config (a local path, or a Hub id read from HF_ENDPOINT).
     """
-    registry = Registry() if registry is None else registry
+    registry = require_registry(registry, "import_peft")
     with read_peft(source, revision, endpoint, token, timeout, workdir=registry.blobs.tmp) as adapter:
         if name is None and "repo_id" in adapter.source:  # the name comes from the repo: another's may hold it
             refuse_squatting(registry, _safe_name(adapter.name), adapter.source,

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModuleFormatError
-from ..model.sites import Sites
+from ..sites import Sites
 from ..modules import IA3, LoRA, Prefix, Prompt
 from ..modules.base import site_key, site_name
 from ..modules.config import config_from_dict

@@ -6,13 +6,13 @@ from typing import Any
 
 from torch import nn
 
-from ..modules.config import ModuleConfig
+from ..modules.config import Buildable
+from ..sites import Sites
 from .io import load_modules
 from .modular import ModularModel, TrainableParameters, warn_if_wrapped
-from .sites import Sites
 
 
-def attach(model: nn.Module, *configs: ModuleConfig, name: str = "default", head: bool | str = False,
+def attach(model: nn.Module, *configs: Buildable, name: str = "default", head: bool | str = False,
            tokenizer: Any = None) -> ModularModel:
     """Attach modules to a transformers model (or add a set to a ModularModel).
 
@@ -39,7 +39,8 @@ def from_pretrained(base: nn.Module, directory: str | os.PathLike, strict_base: 
     one the modules were trained on; warns if only the model name differs.
     `heads=False` leaves a saved task head out (e.g. for another label count).
     """
-    return load_modules(base, directory, strict_base=strict_base, heads=heads)
+    model = base if isinstance(base, ModularModel) else ModularModel(base)
+    return load_modules(model, directory, strict_base=strict_base, heads=heads)
 
 
 __all__ = ["ModularModel", "Sites", "TrainableParameters", "attach", "from_pretrained"]

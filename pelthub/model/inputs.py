@@ -12,7 +12,7 @@ from transformers import DynamicCache, EncoderDecoderCache
 
 from ..errors import ConfigError
 from .compat import given_cache, self_attention_layers
-from .sites import Geometry
+from ..sites import Geometry
 
 
 def _ones(batch: int, length: int, like: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ def prepend_prompt(kwargs: dict[str, Any], embeds: torch.Tensor, prompt: torch.T
         pos = kwargs["position_ids"]
         start = torch.arange(length, device=pos.device).expand(pos.shape[0], -1)
         out["position_ids"] = torch.cat([start, pos + length], dim=1)
-    if g.decoder_only and kwargs.get("labels") is not None:
+    if g.decoder_only and kwargs.get("labels") is not None and kwargs["labels"].dim() == 2:  # token labels only
         labels = kwargs["labels"]
         out["labels"] = torch.cat([torch.full((labels.shape[0], length), -100, dtype=labels.dtype,
                                               device=labels.device), labels], dim=1)

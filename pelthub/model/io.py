@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import IncompatibleModuleError, ModuleFormatError
 from ..modules.base import site_name
 from ..modules.config import config_from_dict
-from .sites import Sites
+from ..sites import Sites
 
 if TYPE_CHECKING:
     from .modular import ModularModel
@@ -70,6 +70,7 @@ def describe(model: "ModularModel", **meta: Any) -> dict[str, Any]:
         "tasks": list(model.task_names),
         "base_model": base_model_info(model.base),
         "trainable_parameters": sum(p.numel() for _, p in model.module_parameters() if p.requires_grad),
+        **({"composition": model.composition} if model.composition else {}),
         **meta,
     }
 
@@ -187,11 +188,24 @@ def _configs(name: str, configs: Any, directory: str | os.PathLike) -> list[Any]
     return [config_from_dict(c) for c in configs]
 
 
-def load_modules(base: nn.Module, directory: str | os.PathLike, strict_base: bool = True,
+def _composition(data: dict[str, Any], directory: str | os.PathLike) -> list[dict[str, Any]]:
+    """The saved composition blocks, each naming module sets the file holds."""
+    blocks = data.get("composition", [])
+    if not (isinstance(blocks, list) and all(isinstance(b, dict) and isinstance(b.get("block"), str)
+                                             and isinstance(b.get("sets"), list) for b in blocks)):
+        raise ModuleFormatError(f"{Path(directory) / CONFIG_FILE}: 'composition' must be a list of blocks "
+                                "({\"block\": ..., \"sources\": [...], \"sets\": [...]})")
+    unknown = [s for b in blocks for s in b["sets"] if s not in data["modules"]]
+    if unknown:
+        raise ModuleFormatError(f"{Path(directory) / CONFIG_FILE}: 'composition' names module sets {unknown[:5]} "
+                                f"that the file does not hold (it holds {sorted(data['modules'])})")
+    return blocks
+
+
+def load_modules(model: "ModularModel", directory: str | os.PathLike, strict_base: bool = True,
                  heads: bool = True) -> "ModularModel":
-    from .modular import ModularModel
+    """Add the module sets saved in `directory` to `model` (checked before anything is allocated)."""
     data = read_description(directory)
-    model = base if isinstance(base, ModularModel) else ModularModel(base)
     if strict_base:
         check_compatible(data["base_model"], model.base, str(directory))
     weights = Path(directory) / WEIGHTS_FILE
@@ -203,6 +217,7 @@ def load_modules(base: nn.Module, directory: str | os.PathLike, strict_base: boo
     for key, tensor in state.items():
         refuse_non_finite(weights, key, tensor)
     model.task_names = list(data.get("tasks", [])) or model.task_names
+    model.composition = model.composition + _composition(data, directory)
     for name, configs in data["modules"].items():
         head = site_name(saved_heads[name][0]) if heads and saved_heads.get(name) else False
         model.add(name, configs, init=False, head=head)

@@ -20,10 +20,12 @@ from torch import nn
 
 from ..errors import ConfigError, DuplicateNameError, ModuleFormatError, RoutingError
 from ..modules.base import CallContext, CallState, Handle, PeltModule, site_key, site_name
-from ..modules.config import ModuleConfig
+from ..modules.config import Buildable
+from ..sites import Sites
 from .compat import cache_keyword, disable_checkpointing, enable_checkpointing, is_checkpointing
+from .generation import generate
 from .inputs import add_prefix, input_embeddings, prefix_cache, prepend_prompt
-from .sites import Sites
+from .io import save_modules
 
 # Bases that carry a ModularModel's hooks right now (weakly held: a dropped model frees its base).
 _WRAPPED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -69,12 +71,13 @@ class ModularModel(nn.Module):
         self.ctx = CallContext()
         self.task_names: list[str] = []
         self.parents: list[dict[str, Any]] = []  # registry modules this one was composed from (ref, sha256)
+        self.composition: list[dict[str, Any]] = []  # the composition blocks as data, with the sets each became
         self._handles: dict[str, list[Handle]] = {}
         self._grad_flags = {name: p.requires_grad for name, p in base.named_parameters()}
         base.requires_grad_(False)
 
     # ----- building -----
-    def add(self, name: str, configs: Sequence[ModuleConfig], head: bool | str = False,
+    def add(self, name: str, configs: Sequence[Buildable], head: bool | str = False,
             tokenizer: Any = None, init: bool = True) -> "ModularModel":
         """Attach one named set of modules (one per kind)."""
         if not name or "." in name or "/" in name:
@@ -143,6 +146,7 @@ class ModularModel(nn.Module):
         del self.adapters[name]
         if name in self.heads:
             del self.heads[name]
+        self.composition = [b for b in self.composition if name not in b["sets"]]
 
     def detach(self) -> nn.Module:
         """Remove every module and return the base exactly as it was."""
@@ -287,7 +291,6 @@ class ModularModel(nn.Module):
         Returns the input ids followed by the new tokens for decoder-only models,
         like transformers does.
         """
-        from .generation import generate
         with self.bind(task_ids, attention_mask, input_ids.shape[0]) as state:
             return generate(self, state, input_ids, attention_mask, **kwargs)
 
@@ -368,7 +371,6 @@ class ModularModel(nn.Module):
 
     def save_pretrained(self, directory: str, **meta: Any) -> None:
         """Write pelthub.json + modules.safetensors; `parents` defaults to `self.parents`."""
-        from .io import save_modules
         if self.parents:
             meta.setdefault("parents", self.parents)
         save_modules(self, directory, **meta)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
-from ..model.sites import Sites
+from ..sites import Sites
 from .base import CallContext, Handle, PeltModule, add_to_output, site_key, site_name
 from .config import ModuleConfig, one_of, positive_int, positive_number
 

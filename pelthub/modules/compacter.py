@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..model.sites import Sites
+from ..sites import Sites
 from .bottleneck import ACTIVATIONS, AdapterModule, adapter_sites
 from .config import ModuleConfig, one_of, positive_int
 

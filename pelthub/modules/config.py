@@ -7,7 +7,7 @@ written by `to_dict`, so saved modules carry no Python objects.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Mapping, Union
 
 from ..errors import ConfigError
 
@@ -48,6 +48,47 @@ class ModuleConfig:
 
     def replace(self, **changes: Any) -> "ModuleConfig":
         return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Sourced:
+    """A config plus what its module is built from: trained source modules, prompt values, a registry.
+
+    The config stays pure data: it is what a saved model records, and it rebuilds the module
+    empty (`init=False`) for the saved tensors to fill. `inputs` live only until the module is
+    built; `build` hands them to `config.build(..., **inputs)`. Fields read through to the
+    config, so `Poly.from_modules(...).tasks` reads as on the config itself.
+    """
+
+    config: ModuleConfig
+    inputs: Mapping[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    def build(self, base: Any, sites: Any, **kwargs: Any) -> Any:
+        return self.config.build(base, sites, **{**kwargs, **self.inputs})
+
+    def replace(self, **changes: Any) -> "Sourced":
+        """A changed config with the same inputs."""
+        return Sourced(self.config.replace(**changes), self.inputs)
+
+    def given(self, **defaults: Any) -> "Sourced":
+        """The same, with `defaults` for inputs that are missing or None (compose's registry=)."""
+        return Sourced(self.config, {**self.inputs, **{k: v for k, v in defaults.items()
+                                                       if self.inputs.get(k) is None}})
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("config", "inputs"):  # not set yet (copy, unpickling)
+            raise AttributeError(name)
+        return getattr(self.config, name)
+
+
+Buildable = Union[ModuleConfig, Sourced]
 
 
 def config_from_dict(data: dict[str, Any]) -> ModuleConfig:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..model.sites import Sites, linear_dims
+from ..sites import Sites, linear_dims
 from .base import CallContext, Handle, PeltModule, is_conv1d, map_input, map_output, site_key, site_name
 from .config import ModuleConfig, targets
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..model.sites import Sites
+from ..sites import Sites
 from .base import CallContext, Handle, PeltModule, site_key, site_name
 from .config import ModuleConfig
 

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..model.sites import Sites, linear_dims
+from ..sites import Sites, linear_dims
 from .base import CallContext, Handle, PeltModule, add_to_output, is_conv1d, site_key, site_name
 from .config import ModuleConfig, positive_int, positive_number, probability, targets
 
@@ -84,3 +84,15 @@ class LoRAModule(PeltModule):
             target = base.get_submodule(site_name(key))
             delta = layer.delta_weight()
             target.weight += (delta.T if is_conv1d(target) else delta).to(target.weight.dtype)
+
+
+def top_right_singular(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The top right singular vector (in,) of ΔW = B·A, exactly, without forming ΔW: a LoRA's Arrow prototype.
+
+    With Aᵀ = Q_a R_a and B = Q_b R_b (thin QR), ΔW = Q_b (R_b R_aᵀ) Q_aᵀ, so the SVD of the
+    r×r core R_b R_aᵀ = U S Vᵀ gives ΔW's right singular vectors as Q_a V. Computed in float64.
+    """
+    qa, ra = torch.linalg.qr(a.double().T)
+    qb, rb = torch.linalg.qr(b.double())
+    _, _, vh = torch.linalg.svd(rb @ ra.T)
+    return (qa @ vh[0]).to(a.dtype)

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..model.sites import Sites
+from ..sites import Sites
 from .base import CallContext, PeltModule
 from .config import ModuleConfig, positive_int
 
@@ -51,6 +51,7 @@ class Prefix(ModuleConfig):
             positive_int("Prefix", "hidden", self.hidden)
 
     def build(self, base: nn.Module, sites: Sites, **_: object) -> "PrefixModule":
+        sites.prefix_layers("Prefix")  # raises, naming the sites, where attention takes no cache
         g = sites.geometry
         return PrefixModule(self, g.hidden, g.layers, g.kv_heads, g.head_dim)
 

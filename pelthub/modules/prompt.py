@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..model.sites import Sites
+from ..sites import Sites
 from .base import CallContext, PeltModule
 from .config import ModuleConfig, one_of, positive_int
 

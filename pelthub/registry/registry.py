@@ -28,6 +28,7 @@ from ..errors import ConfigError, ModuleFormatError, NotFoundError, RegistryErro
 from ..model import ModularModel, from_pretrained
 from ..model.io import (CONFIG_FILE, WEIGHTS_FILE, base_model_info, check_compatible, check_finite, read_description,
                         read_header)
+from ..version import __version__
 from . import signatures
 from .blobs import BlobStore, file_sha256
 from .card import FIELDS, SHA_RE, Card, check_name, parse_ref
@@ -126,7 +127,7 @@ class Registry:
             info = read_description(directory)
             if resolved is None:
                 resolved, local = self._parents(info.get("parents") or [])
-            counted = _count_parameters(directory / WEIGHTS_FILE)
+            counted = _trainable_parameters(info, directory / WEIGHTS_FILE)
             ours = directory == Path(tmp)  # written and fsynced by save_pretrained: link, don't copy
             files = {f: self.blobs.put(directory / f, link=ours) for f in MODULE_FILES}
             signatures.record(self.root, directory, files[WEIGHTS_FILE][0])  # Arrow prototypes of a LoRA
@@ -135,7 +136,7 @@ class Registry:
                 modules=info["modules"], heads=info.get("heads") or {}, base_model=info["base_model"], task=task,
                 tags=tags, metrics=metrics, trainable_parameters=counted,
                 files={f: {"sha256": sha, "size": size} for f, (sha, size) in files.items()},
-                created=datetime.now(timezone.utc).isoformat(timespec="seconds"), pelthub_version=_version(),
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"), pelthub_version=__version__,
                 parents=resolved, description=description, source=None if source is None else dict(source))
             with self.index.write() as index:
                 existing = index.by_identity(draft.identity())
@@ -280,27 +281,6 @@ class Registry:
                 graph.add_edge(parent["ref"], card.ref, sha256=parent["sha256"])
         return graph
 
-    # ----- the Hugging Face Hub (implemented in pelthub.hub, imported when used) -----
-    def push(self, ref: str, repo_id: str, revision: str | None = None, private: bool = False,
-             token: str | None = None, endpoint: str | None = None, tag: str | None = None,
-             timeout: float | None = None) -> str:
-        """Upload module `ref` to Hub repo `repo_id` in one commit; returns the commit sha (see pelthub.hub.push)."""
-        from ..hub import push
-        return push(self, ref, repo_id, revision=revision, private=private, token=token, endpoint=endpoint, tag=tag,
-                    timeout=timeout)
-
-    def pull(self, repo_id: str, revision: str | None = None, endpoint: str | None = None,
-             token: str | None = None, name: str | None = None, timeout: float | None = None,
-             max_depth: int | None = None, max_parents: int | None = None) -> str:
-        """Download a module (and the modules it was built from) from the Hub, verified; returns its ref.
-
-        name= is needed when the card's name is taken here by a module from
-        elsewhere; timeout, max_depth, max_parents: see pelthub.hub.pull.
-        """
-        from ..hub import pull
-        return pull(self, repo_id, revision=revision, endpoint=endpoint, token=token, name=name, timeout=timeout,
-                    max_depth=max_depth, max_parents=max_parents)
-
     # ----- maintenance -----
     def remove(self, ref: str, force: bool = False) -> list[str]:
         """Remove one version ("name@version") or every version ("name"); returns the refs removed.
@@ -375,6 +355,30 @@ class Registry:
         return f"no module named {name!r} in the registry at {self.root}{hint}"
 
 
+def require_registry(registry: Registry | None, what: str) -> Registry:
+    """`registry`, or a ConfigError: library functions never open the default registry on their own.
+
+    The default location ($PELTHUB_HOME, else ~/.cache/pelthub) is chosen only at the edges:
+    `pelthub.Registry()` and the CLI's --registry.
+    """
+    if registry is None:
+        raise ConfigError(f"{what} needs a registry to resolve it: pass registry=, e.g. registry=ph.Registry() "
+                          "(the local one at $PELTHUB_HOME or ~/.cache/pelthub) or ph.Registry(path)")
+    return registry
+
+
+def parent_entries(registry: Registry | None, refs: Iterable[str]) -> list[dict[str, Any]]:
+    """{"ref", "sha256"} of each ref the registry knows (a parent list); names it does not know are skipped."""
+    out = []
+    for ref in dict.fromkeys(refs) if registry is not None else ():
+        try:
+            card = registry.get(ref)
+        except RegistryError:  # a label such as "source0", not a ref
+            continue
+        out.append({"ref": card.ref, "sha256": card.digest})
+    return out
+
+
 def _base_keys(base_model: nn.Module | str | None) -> tuple[str | None, str | None]:
     """(fingerprint sha256, base name) to search by."""
     if base_model is None:
@@ -388,13 +392,15 @@ def _base_keys(base_model: nn.Module | str | None) -> tuple[str | None, str | No
                       f"got {type(base_model).__name__}")
 
 
-def _count_parameters(weights: Path) -> int:
-    """Parameters in a safetensors file; checking it also rejects a damaged, foreign or non-float file early."""
+def _trainable_parameters(info: dict[str, Any], weights: Path) -> int:
+    """The trainable parameter count pelthub.json declares (frozen tensors, such as ATTEMPT's source
+    prompts, are saved but not trained), checked against the file; reading the file also rejects a
+    damaged, foreign or non-float file early."""
     header = read_header(weights)
     check_finite(weights)
-    return sum(math.prod(shape) for shape, _ in header.values())
-
-
-def _version() -> str:
-    from .. import __version__  # at call time: pelthub/__init__ imports this package before defining it
-    return __version__
+    stored = sum(math.prod(shape) for shape, _ in header.values())
+    declared = info.get("trainable_parameters", stored)
+    if not isinstance(declared, int) or isinstance(declared, bool) or not 0 <= declared <= stored:
+        raise ModuleFormatError(f"{weights.parent / CONFIG_FILE}: trainable_parameters must be an integer between 0 "
+                                f"and the {stored:,} parameters the weights file holds, got {declared!r}")
+    return declared

@@ -29,10 +29,12 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..model.io import WEIGHTS_FILE, read_description
+from ..model.modular import ModularModel
 from ..modules.base import site_name
+from ..modules.lora import top_right_singular
+from .ranking import Ranking
 
 if TYPE_CHECKING:
-    from ..transfer.rank import Ranking
     from .registry import Registry
 
 FILE = "signatures.sqlite"
@@ -50,7 +52,6 @@ def _connect(root: Path) -> sqlite3.Connection:
 
 def compute(directory: str | Path) -> Signature | None:
     """The signature of a saved module holding exactly one LoRA (None for any other module)."""
-    from ..routing.arrow import top_right_singular  # the math is Arrow's; the registry only stores it
     info = read_description(directory)
     sets = [(name, configs) for name, configs in info["modules"].items()]
     if len(sets) != 1 or [c.get("kind") for c in sets[0][1]] != ["lora"]:
@@ -141,14 +142,12 @@ def hidden_states(base: nn.Module, tokenizer: Any, examples: Sequence[str], site
 
 
 def search(registry: "Registry", examples: Sequence[str], tokenizer: Any, base_model: nn.Module,
-           top: int | None = None, top_k: int = 1, max_length: int = 128) -> "Ranking":
+           top: int | None = None, top_k: int = 1, max_length: int = 128) -> Ranking:
     """Registered LoRAs trained on `base_model`, ranked for `examples` by Arrow routing (module docstring).
 
     base_model: the plain base model (no modules attached). top: keep the best `top` rows.
     top_k: the sources a token routes to. Non-LoRA modules are not candidates.
     """
-    from ..model.modular import ModularModel
-    from ..transfer.rank import Ranking
     if tokenizer is None or not isinstance(base_model, nn.Module) or isinstance(examples, str) or not examples:
         raise ConfigError("search(examples=...) ranks LoRAs for a list of example texts and needs tokenizer= and "
                           "base_model= (the base model itself, without modules attached)")

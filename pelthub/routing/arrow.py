@@ -17,65 +17,74 @@ source's A and B at a layer are reduced by the means of the general LoRAs' A and
 (A_e ← A_e − mean_g A_g, B_e ← B_e − mean_g B_g; the source's own scale s_e stays), so every
 general LoRA must adapt the source's layers with the source's rank.
 
-The config is data: source names (registry refs, or labels of modules given in memory, which
-it keeps by reference until it is built, never copying tensors) and, once built, `layout`
-(which sources adapt which layer, with their ranks), so a saved Arrow model rebuilds empty and
-loads its tensors stand-alone; the built module's config keeps only the names. The built module holds the frozen sources (A, s·B, padded to the layer's largest
-rank) and the cached prototypes; only `log_temperature` can train (`learn_temperature=True`).
+The config (`ArrowConfig`) is data: source names (registry refs, saved directories, or labels
+of modules given in memory) and, once built, `layout` (which sources adapt which layer, with
+their ranks), so a saved Arrow model rebuilds empty and loads its tensors stand-alone.
+`Arrow(sources, ...)` pairs the config with the in-memory sources (by reference, never copied
+until built) and the registry as build inputs (`Sourced`). The built module holds the frozen
+sources (A, s·B, padded to the layer's largest rank) and the cached prototypes; only `log_temperature` can train (`learn_temperature=True`).
 Prototypes come from the registry's stored signatures when a registry ref has one.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-from dataclasses import InitVar, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, IncompatibleModuleError, RegistryError
+from ..composition.blocks import load_single
+from ..errors import ConfigError, IncompatibleModuleError
 from ..model.modular import ModularModel
-from ..model.sites import Sites, linear_dims
 from ..modules.base import CallContext, Handle, PeltModule, add_to_output, site_key, site_name
-from ..modules.config import ModuleConfig, one_of, positive_int, positive_number
-from ..modules.lora import LoRAModule
+from ..modules.config import ModuleConfig, Sourced, one_of, positive_int, positive_number
+from ..modules.lora import LoRAModule, top_right_singular
+from ..registry import parent_entries, require_registry, signatures
+from ..sites import Sites, linear_dims
 
 Weights = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # site → (A (r, in), B (out, r), scale)
 Layout = tuple[tuple[str, tuple[tuple[int, int], ...]], ...]   # (site, ((source index, rank), ...)), ...
 
 
-@dataclass(frozen=True)
-class Arrow(ModuleConfig):
-    """Config of an Arrow router over trained LoRAs.
+def Arrow(sources: Any, top_k: int = 3, temperature: float = 1.0, gks: Any = None, learn_temperature: bool = False,
+          registry: Any = None) -> Sourced:
+    """An Arrow block for `compose`: the config over `sources`, with the in-memory ones as build inputs.
 
     sources: LoRA modules, ModularModels holding one LoRA, saved directories or registry refs (a
     list, or a {name: source} mapping); in memory they are named "source0", ... unless mapped.
     top_k: sources mixed per token. temperature: of the softmax over the chosen scores.
     gks: general LoRAs for GenKnowSub, given like `sources` (None: no subtraction).
-    learn_temperature: make the temperature a trainable parameter. layout: filled at build.
-    registry: resolves refs (default: the local `pelthub.Registry()`); not saved.
+    learn_temperature: make the temperature a trainable parameter. registry: resolves refs
+    (`compose(registry=...)` also does).
+    """
+    names, given = _split("sources", "source", sources)
+    general, given_gks = _split("gks", "general", gks) if gks is not None else (None, {})
+    config = ArrowConfig(sources=names, top_k=top_k, temperature=temperature, gks=general,
+                         learn_temperature=learn_temperature)
+    return Sourced(config, {"given": {**given, **given_gks}, "registry": registry})
+
+
+@dataclass(frozen=True)
+class ArrowConfig(ModuleConfig):
+    """Config of an Arrow router over trained LoRAs: pure data (build it through `Arrow`).
+
+    sources, gks: names of the sources and general LoRAs (see `Arrow`); top_k, temperature,
+    learn_temperature: see `Arrow`. layout: filled at build.
     """
 
     kind: ClassVar[str] = "arrow"
-    sources: Any = ()
+    sources: tuple[str, ...] = ()
     top_k: int = 3
     temperature: float = 1.0
-    gks: Any = None
+    gks: tuple[str, ...] | None = None
     learn_temperature: bool = False
     layout: Any = None
-    registry: InitVar[Any] = None
 
-    def __post_init__(self, registry: Any) -> None:
-        names, given = _split("sources", "source", self.sources)
-        general, given_gks = _split("gks", "general", self.gks) if self.gks is not None else (None, {})
-        object.__setattr__(self, "sources", names)
-        object.__setattr__(self, "gks", general)
+    def __post_init__(self) -> None:
         object.__setattr__(self, "layout", _layout(self.layout))
-        object.__setattr__(self, "_given", {**given, **given_gks})
-        object.__setattr__(self, "_registry", registry)
         super().__post_init__()
 
     def validate(self) -> None:
@@ -92,50 +101,37 @@ class Arrow(ModuleConfig):
         positive_number("Arrow", "temperature", self.temperature)
         one_of("Arrow", "learn_temperature", self.learn_temperature, (True, False))
 
-    def replace(self, **changes: Any) -> "Arrow":
-        """A changed copy that keeps the in-memory sources and the registry."""
-        changes.setdefault("registry", self._registry)
-        new = dataclasses.replace(self, **changes)
-        object.__setattr__(new, "_given", {**self._given, **new._given})
-        return new
-
-    def resolver(self) -> Any:
-        """The registry that resolves refs: `registry=`, else the local one."""
-        if self._registry is not None:
-            return self._registry
-        from ..registry import Registry
-        return Registry()
-
-    def build(self, base: nn.Module, sites: Sites, init: bool = True, **_: object) -> "ArrowModule":
+    def build(self, base: nn.Module, sites: Sites, init: bool = True, given: Mapping[str, Any] | None = None,
+              registry: Any = None, **_: object) -> "ArrowModule":
+        """The module; `given` ({name: in-memory source}) and `registry` (for refs) give the sources."""
         if not init:
             if self.layout is None:
                 raise ConfigError("an Arrow config without `layout` cannot be rebuilt empty; it is filled when "
                                   "the Arrow model is first built from its sources")
             dims = {site: _site_dims(sites, site, "saved Arrow model") for site, _ in self.layout}
             return ArrowModule(self, dims)
-        loras = [self._weights(name, base, sites) for name in self.sources]
+        given = dict(given or {})
+        loras = [self._weights(name, given, registry, base, sites) for name in self.sources]
         if self.gks is not None:
-            loras = general_knowledge_subtracted(self.sources, loras, [self._weights(g, base, sites) for g in self.gks])
+            loras = general_knowledge_subtracted(self.sources, loras, [self._weights(g, given, registry, base, sites)
+                                                                       for g in self.gks])
         layout = tuple((site, tuple((i, lora[site][0].shape[0]) for i, lora in enumerate(loras) if site in lora))
                        for site in dict.fromkeys(s for lora in loras for s in lora))
-        built = self.replace(layout=layout)
-        object.__setattr__(built, "_given", dict.fromkeys(self._given))  # names only: the sources are copied in
-        module = ArrowModule(built, {site: _site_dims(sites, site, "Arrow") for site, _ in layout})
-        stored = [None] * len(loras) if self.gks is not None else self._stored_prototypes()
+        module = ArrowModule(self.replace(layout=layout), {site: _site_dims(sites, site, "Arrow") for site, _ in layout})
+        refs = [n for n in (*self.sources, *(self.gks or ())) if n not in given and not Path(n).is_dir()]
+        stored = [signatures.stored(registry, n) if n in refs and registry is not None else None
+                  for n in self.sources] if self.gks is None else [None] * len(loras)
         module.load_sources(loras, stored)
+        module.resolved = parent_entries(registry, refs)
         return module
 
-    def _weights(self, name: str, base: nn.Module, sites: Sites) -> Weights:
+    def _weights(self, name: str, given: Mapping[str, Any], registry: Any, base: nn.Module, sites: Sites) -> Weights:
         """A source's per-site (A, B, scale), checked against this base model."""
-        from ..composition.blocks import load_single  # composition builds on routing's configs
-        value = self._given.get(name, name)
-        if value is None:
-            raise ConfigError(f"Arrow source {name!r} was given in memory to the config this one was built from; "
-                              "build from that config, or pass the source again")
+        value = given.get(name, name)
+        if isinstance(value, str) and not Path(value).is_dir():
+            registry = require_registry(registry, f"Arrow source {name!r}")
         try:
-            by_ref = isinstance(value, str) and not Path(value).is_dir()
-            module = value if isinstance(value, LoRAModule) else load_single(
-                value, base, self.resolver() if by_ref else None)
+            module = value if isinstance(value, LoRAModule) else load_single(value, base, registry)
         except IncompatibleModuleError as e:
             raise IncompatibleModuleError(f"Arrow source {name!r} does not fit this base model: {e}") from None
         if not isinstance(module, LoRAModule):
@@ -150,30 +146,6 @@ class Arrow(ModuleConfig):
                     f"this base model's {site} is ({want[0]} → {want[1]}); use LoRAs trained on this base model")
             out[site] = (layer.lora_a.detach().float().cpu().clone(), layer.lora_b.detach().float().cpu().clone(),
                          float(layer.scale))
-        return out
-
-    def _stored_prototypes(self) -> list[dict[str, torch.Tensor] | None]:
-        """Registry signatures of the sources that are registry refs (None where there is none)."""
-        refs = [n for n in self.sources if n not in self._given and not Path(n).is_dir()]
-        if not refs:
-            return [None] * len(self.sources)
-        from ..registry import signatures
-        registry = self.resolver()
-        return [signatures.stored(registry, n) if n in refs else None for n in self.sources]
-
-    def parents(self, registry: Any = None) -> list[dict[str, Any]]:
-        """{"ref", "sha256"} of the sources and general LoRAs given as registry refs."""
-        names = [n for n in (*self.sources, *(self.gks or ())) if n not in self._given and not Path(n).is_dir()]
-        if not names:
-            return []
-        registry = self.resolver() if registry is None else registry
-        out = []
-        for name in names:
-            try:
-                card = registry.get(name)
-            except RegistryError:
-                continue
-            out.append({"ref": card.ref, "sha256": card.digest})
         return out
 
 
@@ -216,9 +188,10 @@ class ArrowLinear(nn.Module):
 class ArrowModule(PeltModule):
     """Built Arrow router: one `ArrowLinear` per adapted layer and the (log) temperature."""
 
-    def __init__(self, config: Arrow, dims: dict[str, tuple[int, int]]):
+    def __init__(self, config: ArrowConfig, dims: dict[str, tuple[int, int]]):
         super().__init__()
         self.config = config
+        self.resolved: list[dict[str, Any]] = []  # {"ref", "sha256"} of the sources a registry gave at build
         self.layers = nn.ModuleDict({site_key(site): ArrowLinear(*dims[site], tuple(r for _, r in entries))
                                      for site, entries in config.layout})
         self.log_temperature = nn.Parameter(torch.tensor(math.log(config.temperature)),
@@ -243,27 +216,16 @@ class ArrowModule(PeltModule):
                 saved = (stored[i] or {}).get(site)
                 layer.prototypes[j] = saved if saved is not None else top_right_singular(a, b)
 
-    def parents(self, registry: Any = None) -> list[dict[str, Any]]:
-        """The registry modules routed over, for `compose`'s `model.parents` (see `Arrow.parents`)."""
-        return self.config.parents(registry)
+    def parents(self) -> list[dict[str, Any]]:
+        """{"ref", "sha256"} of the sources and general LoRAs that were registry modules at build,
+        for `compose`'s `model.parents`."""
+        return list(self.resolved)
 
     def routing(self, site: str, h: torch.Tensor) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """(source names, chosen (t, k) indices into them, weights (t, k)) at `site` for tokens h (t, in)."""
         entries = dict(self.config.layout)[site]
         chosen, weights = self.layers[site_key(site)].route(h, self.config.top_k, self.log_temperature.exp())
         return [self.config.sources[i] for i, _ in entries], chosen, weights
-
-
-def top_right_singular(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The top right singular vector (in,) of ΔW = B·A, exactly, without forming ΔW.
-
-    With Aᵀ = Q_a R_a and B = Q_b R_b (thin QR), ΔW = Q_b (R_b R_aᵀ) Q_aᵀ, so the SVD of the
-    r×r core R_b R_aᵀ = U S Vᵀ gives ΔW's right singular vectors as Q_a V. Computed in float64.
-    """
-    qa, ra = torch.linalg.qr(a.double().T)
-    qb, rb = torch.linalg.qr(b.double())
-    _, _, vh = torch.linalg.svd(rb @ ra.T)
-    return (qa @ vh[0]).to(a.dtype)
 
 
 def general_knowledge_subtracted(names: tuple[str, ...], loras: list[Weights], general: list[Weights]) -> list[Weights]:

@@ -31,12 +31,13 @@ number sets T. `last_entropy()` reports how far from uniform the latest call
 attended. Trainable: W_down (d×m), W_up (m×d), the LayerNorm (2d) and L·d per
 target prompt.
 
-Sources in the config are names (registry refs "name@version" or labels), so
-`to_dict()` stays JSON. The prompt values travel two ways: given at
-construction (tensors, PromptModules or ModularModels holding one prompt; a
-mapping names them, otherwise they are called "source0", ...), or resolved by
-name through a registry (`registry=`, else the default `pelthub.Registry()`)
-with `registry.load(ref, base)` when the module is built. Once built, the
+The config (`AttentionMixConfig`) is data: source names (registry refs
+"name@version" or labels) and the fields below. `AttentionMix(sources, ...)`
+pairs it with the prompt values as build inputs (`Sourced`): values given
+directly (tensors, PromptModules or ModularModels holding one prompt; a
+mapping names them, otherwise they are called "source0", ...), and names
+resolved through `registry=` (of AttentionMix or of `compose`) with
+`registry.load(ref, base, heads=False)` when the module is built. Once built, the
 sources are frozen parameters of the module, so `save_pretrained` writes them
 to modules.safetensors and a saved ATTEMPT model loads stand-alone;
 `parents()` lists the sources that are registry modules (ref and card
@@ -53,32 +54,42 @@ sources' keys are computed once instead of every step (they are frozen).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import InitVar, dataclass
+from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, RegistryError, RoutingError
+from ..errors import ConfigError, RoutingError
 from ..model.modular import ModularModel
-from ..model.sites import Sites
+from ..sites import Sites
 from ..modules.base import CallContext, PeltModule
-from ..modules.config import ModuleConfig, config_from_dict, one_of, positive_int, positive_number
+from ..modules.config import ModuleConfig, Sourced, config_from_dict, one_of, positive_int, positive_number
 from ..modules.prompt import Prompt, PromptModule, initial_prompt
+from ..registry import parent_entries
 
 POOLS = ("max", "mean")
 TARGET = "<target>"
 CALIBRATED = "calibrated"
 
 
-@dataclass(frozen=True)
-class AttentionMix(ModuleConfig):
-    """Config of an ATTEMPT module.
+def AttentionMix(sources: Any = (), registry: Any = None, **fields: Any) -> Sourced:
+    """An ATTEMPT block for `compose`: the config over `sources` with their prompt values as build inputs.
 
-    sources: names, or the prompts themselves (see the module docstring); a
-    list or a {name: prompt} mapping. target: the Prompt config of the target
+    sources: names (registry refs), or the prompts themselves (tensors, PromptModules, models
+    holding one prompt); a list or a {name: prompt} mapping. registry: resolves the names
+    when the module is built (`compose(registry=...)` also does). fields: see `AttentionMixConfig`.
+    """
+    names, values = _split_sources(sources)
+    return Sourced(AttentionMixConfig(sources=names, **fields), {"values": values, "registry": registry})
+
+
+@dataclass(frozen=True)
+class AttentionMixConfig(ModuleConfig):
+    """Config of an ATTEMPT module: pure data (build it through `AttentionMix`).
+
+    sources: source names (see the module docstring). target: the Prompt config of the target
     prompt(s) (length and init). temperature: T; "calibrated" (default) makes the
     logits' spread across candidates ≈ 1 at init (see the module docstring), None is the
     paper's d·e, a number is T itself. pool: "max"
@@ -87,7 +98,6 @@ class AttentionMix(ModuleConfig):
     bottleneck: m of the attention module. init_from: a source name whose
     values start the target prompt(s) instead of `target.init`. fit_sources:
     truncate / zero-pad sources of another length instead of raising.
-    registry: resolves source names at build time (not saved).
     """
 
     kind: ClassVar[str] = "attention_mix"
@@ -100,13 +110,11 @@ class AttentionMix(ModuleConfig):
     bottleneck: int = 100
     init_from: str | None = None
     fit_sources: bool = False
-    registry: InitVar[Any] = None
 
-    def __post_init__(self, registry: Any) -> None:
-        names, values = _split_sources(self.sources)
-        object.__setattr__(self, "sources", names)
-        object.__setattr__(self, "_values", values)
-        object.__setattr__(self, "_registry", registry)
+    def __post_init__(self) -> None:
+        if isinstance(self.sources, (str, torch.Tensor, nn.Module)):
+            raise ConfigError("AttentionMix.sources must be a list of source names, got one "
+                              f"{type(self.sources).__name__}")
         if isinstance(self.target, Mapping):
             object.__setattr__(self, "target", config_from_dict({"kind": "prompt", **self.target}))
         super().__post_init__()
@@ -135,41 +143,35 @@ class AttentionMix(ModuleConfig):
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "target": self.target.to_dict()}
 
-    def replace(self, **changes: Any) -> "AttentionMix":
-        """A changed copy that keeps the given source values and registry."""
-        changes.setdefault("registry", self._registry)
-        new = dataclasses.replace(self, **changes)
-        object.__setattr__(new, "_values", {**self._values, **new._values})
-        return new
-
-    def resolver(self) -> Any:
-        """The registry that resolves source names: `registry=`, else the default one (None if unavailable)."""
-        return self._registry if self._registry is not None else _default_registry()
-
     def build(self, base: nn.Module, sites: Sites, tokenizer: Any = None, init: bool = True,
+              values: Mapping[str, torch.Tensor] | None = None, registry: Any = None,
               **_: object) -> "AttentionMixModule":
+        """The module; `values` ({name: (L, d)}) and `registry` (for the other names) give the sources."""
         embedding = base.get_input_embeddings().weight
         d, length, tasks = embedding.shape[1], self.target.length, len(self.tasks or ()) or 1
+        values = dict(values or {})
         if not init:  # values come from a saved state
             sources = torch.zeros(len(self.sources), length, d)
             return AttentionMixModule(self, sources, torch.zeros(len(self.sources), d), torch.zeros(tasks, length, d))
-        raw = [self._source_values(name, base, d) for name in self.sources]
+        raw = [self._source_values(name, values, registry, base, d) for name in self.sources]
         sources, keys = self._fit(raw, length, d)
         if self.init_from is not None:
             targets = sources[self.sources.index(self.init_from)].expand(tasks, -1, -1).clone()
         else:
             targets = torch.stack([initial_prompt(self.target, embedding, tokenizer) for _ in range(tasks)])
-        return AttentionMixModule(self, sources, keys, targets)
+        module = AttentionMixModule(self, sources, keys, targets)
+        module.resolved = parent_entries(registry, [n for n in self.sources if n not in values])
+        return module
 
-    def _source_values(self, name: str, base: nn.Module, d: int) -> torch.Tensor:
-        """The (L_j, d) values of one source, resolving names through the registry."""
-        value = self._values.get(name, name)
-        if isinstance(value, str):
-            registry = self.resolver()
+    def _source_values(self, name: str, values: Mapping[str, torch.Tensor], registry: Any, base: nn.Module,
+                       d: int) -> torch.Tensor:
+        """The (L_j, d) values of one source, resolving names without values through the registry."""
+        value = values.get(name)
+        if value is None:
             if registry is None:
-                raise ConfigError(f"AttentionMix source {value!r} is a name without values: pass the prompt itself "
+                raise ConfigError(f"AttentionMix source {name!r} is a name without values: pass the prompt itself "
                                   "(tensor, PromptModule or ModularModel) or registry= to resolve it")
-            value = _prompt_tensor(name, registry.load(value, base))
+            value = _prompt_tensor(name, registry.load(name, base, heads=False))
         if value.shape[1] != d:
             raise ConfigError(f"AttentionMix source {name!r} has width {value.shape[1]}, but this model's "
                               f"embeddings have width {d}: use prompts trained on this base model")
@@ -191,7 +193,7 @@ class AttentionMixModule(PeltModule):
     """Built ATTEMPT module: frozen `sources` (S, L, d) and `source_keys` (S, d), trainable
     `targets` (K, L, d) and `router` (down, SiLU, up, LayerNorm; its own lr group in `param_groups`)."""
 
-    def __init__(self, config: AttentionMix, sources: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor):
+    def __init__(self, config: AttentionMixConfig, sources: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor):
         super().__init__()
         self.config = config
         d, m = targets.shape[-1], config.bottleneck
@@ -204,6 +206,7 @@ class AttentionMixModule(PeltModule):
             self.config = config = config.replace(temperature=calibrated_temperature(
                 torch.cat([keys, pool_tokens(targets, None, config.pool)])))
         self.temperature = float(config.temperature or d * math.e)
+        self.resolved: list[dict[str, Any]] = []  # {"ref", "sha256"} of the sources a registry gave at build
         self._last: torch.Tensor | None = None
 
     @property
@@ -250,24 +253,14 @@ class AttentionMixModule(PeltModule):
             return a.new_zeros(a.shape[0])
         return -(a * a.clamp_min(1e-12).log()).sum(1) / math.log(a.shape[1])
 
-    def parents(self, registry: Any = None) -> list[dict[str, Any]]:
-        """{"ref", "sha256"} of the sources resolved by name through the registry.
+    def parents(self) -> list[dict[str, Any]]:
+        """{"ref", "sha256"} of the sources that were registry modules when the module was built.
 
-        Sources given as values are labels, not refs, so the registry is only
-        consulted (and the default one only opened) when some source is a name.
-        sha256 is the registry card's digest; `compose` records the list in
-        `model.parents`, which `save_pretrained` and `Registry.add` write.
+        Sources given as values are labels, not refs. sha256 is the registry card's digest;
+        `compose` records the list in `model.parents`, which `save_pretrained` and
+        `Registry.add` write.
         """
-        names = [n for n in self.config.sources if n not in self.config._values]
-        registry = (self.config.resolver() if registry is None else registry) if names else None
-        out = []
-        for name in names if registry is not None else ():
-            try:
-                card = registry.get(name)
-            except RegistryError:  # a label such as "source0", not a ref
-                continue
-            out.append({"ref": card.ref, "sha256": card.digest})
-        return out
+        return list(self.resolved)
 
 
 def calibrated_temperature(keys: torch.Tensor) -> float:
@@ -317,12 +310,3 @@ def _prompt_tensor(name: str, value: Any) -> torch.Tensor:
                           f"ModularModel with one prompt (refs go in a list), got {type(value).__name__}"
                           f"{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}")
     return value.detach().float().cpu().clone()
-
-
-def _default_registry() -> Any:
-    """`pelthub.Registry()` when the registry package provides it."""
-    try:
-        from ..registry import Registry  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return Registry()

@@ -38,7 +38,7 @@ import transformers
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
-from ..model.sites import Sites
+from ..sites import Sites
 from ..model.compat import self_attention_layers
 from ..modules.base import CallContext, CallState, Handle, PeltModule, site_key, site_name
 from ..modules.bottleneck import Bottleneck
@@ -157,7 +157,9 @@ class UniPELTModule(PeltModule):
 
     # ----- running -----
     def gate(self, part: str, key: str, x: torch.Tensor) -> torch.Tensor:
-        """g (B,) of one submodule instance from its input x (B, n, d)."""
+        """g (B,) of one submodule instance from its input x (B, n, d), or (B·n, d) rows (OPT's FFN)."""
+        if x.dim() == 2:
+            x = x.view(self._batch(x), -1, x.shape[-1])
         if part in self.forced:
             g = torch.full(x.shape[:1], self.forced[part], dtype=torch.float32, device=x.device)
         else:
@@ -175,6 +177,14 @@ class UniPELTModule(PeltModule):
         if key not in weights:
             weights[key] = mask_weights(scratch.get("masks", {}).get(mask), *scores.shape, scores.dtype)
         return weights[key]
+
+    def _batch(self, rows: torch.Tensor) -> int:
+        """B of this base call, for a site that sees its (B·n, d) rows flattened."""
+        batch = self._scratch().get("batch")
+        if batch is None or rows.shape[0] % batch:
+            raise UnsupportedModelError(f"UniPELT's gate got {tuple(rows.shape)} rows and cannot tell the batch "
+                                        "apart from the tokens; call the model with input_ids or inputs_embeds")
+        return batch
 
     def _scratch(self) -> dict[str, Any]:
         return self.ctx.scratch(self) if self.ctx is not None else {}
@@ -200,6 +210,8 @@ class UniPELTModule(PeltModule):
         """The masks of this base call (each generation step is one), for the gates' masked means."""
         scratch = self._scratch()
         scratch["masks"], scratch["weights"] = {k: kwargs.get(k) for k in MASKS}, {}
+        given = next((kwargs[k] for k in ("input_ids", "inputs_embeds") if kwargs.get(k) is not None), None)
+        scratch["batch"] = given.shape[0] if given is not None else None
 
     def _keep_encoder_mask(self, _m: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
         scratch = self._scratch()
@@ -261,7 +273,9 @@ class UniPELTPrefixModule(UniPELTModule):
 
 
 def _expand(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B,) → (B, 1, ..., 1) broadcasting against `like`."""
+    """(B,) → (B, 1, ..., 1) broadcasting against `like`; one value per row for (B·n, d) rows."""
+    if like.dim() == 2:
+        return g.repeat_interleave(like.shape[0] // g.shape[0])[:, None]
     return g.view(-1, *([1] * (like.dim() - 1)))
 
 

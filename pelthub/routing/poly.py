@@ -33,9 +33,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DuplicateNameError, RoutingError
-from ..model.sites import Sites, linear_dims
 from ..modules.base import CallContext, Handle, PeltModule, add_to_output, site_key, site_name
-from ..modules.config import ModuleConfig, one_of, positive_int, positive_number, probability, targets
+from ..modules.config import ModuleConfig, Sourced, one_of, positive_int, positive_number, probability, targets
+from ..sites import Sites, linear_dims
+from .poly_sources import over_modules
 
 VARIANTS = ("poly", "mu", "z", "hard")
 GRANULARITIES = ("layer", "block", "model")
@@ -99,7 +100,10 @@ class Poly(ModuleConfig):
             raise ConfigError(f"Poly.skills must equal the number of tasks ({len(self.tasks)}) with "
                               f"variant='hard' (one skill per task), got {self.skills}")
 
-    def build(self, base: nn.Module, sites: Sites, init: bool = True, **_: object) -> "PolyModule":
+    def build(self, base: nn.Module, sites: Sites, init: bool = True,
+              skills: Sequence[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
+              **_: object) -> "PolyModule":
+        """The module; `skills` (from `from_modules`) are LoRA weights to start the skills from."""
         resolved = sites.resolve(self.targets or sites.default_targets("poly"), linear=True, what="Poly")
         dims = {n: linear_dims(sites.names[n]) for found in resolved.values() for n in found}
         bad = {n: d for n, d in dims.items() if d[0] % self.heads or d[1] % self.heads}
@@ -110,7 +114,6 @@ class Poly(ModuleConfig):
             raise ConfigError(f"Poly.heads={self.heads} must divide the input and output sizes of every target; "
                               f"{name} is (in={d_in}, out={d_out}). Heads that fit these targets: {divisors[-8:]}")
         module = PolyModule(self, dims)
-        skills = getattr(self, "_skills", None)
         if init and skills:
             module.load_skills(skills)
         return module
@@ -118,15 +121,15 @@ class Poly(ModuleConfig):
     @classmethod
     def from_modules(cls, modules: Sequence[Any], tasks: Sequence[str] | None = None, variant: str = "hard",
                      heads: int = 1, granularity: str = "layer", registry: Any = None,
-                     base: nn.Module | None = None) -> "Poly":
+                     base: nn.Module | None = None) -> Sourced:
         """A Poly whose skills are trained LoRAs (LoRAModule, a ModularModel holding one, or registry refs).
 
         With variant="hard" (default) task i is served by module i exactly; "poly" or "z" learn
         routing over the inventory for `tasks`. Registry refs need `registry=` (anything with
-        `.load(ref, base)`) and `base=`. See `poly_export.from_modules`.
+        `.load(ref, base, heads=False)`) and `base=`. Returns the config with the LoRA weights as its build
+        input (`Sourced`), for `compose`. See `poly_sources.over_modules`.
         """
-        from .poly_export import from_modules
-        return from_modules(cls, modules, tasks, variant, heads, granularity, registry, base)
+        return over_modules(cls, modules, tasks, variant, heads, granularity, registry, base)
 
 
 def block_of(name: str, granularity: str) -> str:
@@ -343,14 +346,3 @@ def add_task(model: nn.Module, name: str, init: str = "uniform", tune: str = "al
     if hasattr(model, "task_names"):
         model.task_names = list(module.config.tasks)
     return module
-
-
-def param_groups(model: nn.Module, lr_modules: float = 1e-3, lr_routing: float | None = None,
-                 weight_decay: float = 0.0) -> list[dict[str, Any]]:
-    """Optimizer groups of the trainable parameters (`pelthub.training.param_groups`).
-
-    Routing logits get lr_routing (default lr_modules × `ROUTING_LR_SCALE`) and no weight
-    decay; everything else lr_modules and weight_decay (a prefix MLP a tenth of it).
-    """
-    from ..training import param_groups as groups  # training imports the task suite: only when asked
-    return groups(model, lr_modules, lr_routing, weight_decay)

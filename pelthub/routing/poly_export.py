@@ -1,14 +1,13 @@
-"""Poly to and from plain LoRA: an inventory of trained LoRAs as skills, one task's routed
-adapter as one LoRA, and the routing matrix as a heatmap.
+"""Poly to plain LoRA: one task's routed adapter as one LoRA, and the routing matrix as a heatmap.
 
 A task's routed update is ΔW_t = (α/r) · Ā_t B̄_t with Ā_t ∈ R^{in×r} (heads stacked along the
 input) and B̄_t ∈ R^{r×out} (heads side by side along the output): a rank-r LoRA with
-A = Ā_tᵀ, B = B̄_tᵀ and the same α/r, for any number of heads. Conversely LoRA k becomes
-skill k with A[:, k] = Aᵀ cut into heads, B[:, k] = Bᵀ·(scale_k / scale) cut into heads.
+A = Ā_tᵀ, B = B̄_tᵀ and the same α/r, for any number of heads (the converse, LoRAs as skills,
+is poly_sources.py).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -16,62 +15,12 @@ from torch import nn
 from ..errors import ConfigError
 from ..model import ModularModel, attach
 from ..modules.base import site_key, site_name
-from ..modules.lora import LoRA, LoRAModule
+from ..modules.lora import LoRA
 from .poly import poly_module
+from .poly_sources import LoRAWeights
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-    from .poly import Poly
-
-LoRAWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # site → (A (r, in), B·scale (out, r))
-
-
-def from_modules(cls: type["Poly"], modules: Sequence[Any], tasks: Sequence[str] | None, variant: str,
-                 heads: int, granularity: str, registry: Any, base: nn.Module | None) -> "Poly":
-    """Build the config behind `Poly.from_modules`; the LoRA weights ride along to `build()`."""
-    if not modules:
-        raise ConfigError("Poly.from_modules needs at least one LoRA module")
-    named = [_lora_weights(m, registry, base) for m in modules]
-    loras = [w for _, w in named]
-    if tasks is None:
-        tasks = [name or f"task{i}" for i, (name, _) in enumerate(named)]
-        if len(set(tasks)) != len(tasks):
-            raise ConfigError(f"Poly.from_modules: module names {tasks} repeat; pass tasks=[...]")
-    sites = list(dict.fromkeys(s for lora in loras for s in lora))
-    rank = max(a.shape[0] for lora in loras for a, _ in lora.values())
-    config = cls(tasks=tuple(tasks), skills=len(loras), rank=rank, heads=heads, targets=tuple(sites),
-                 granularity=granularity, alpha=float(rank), variant=variant)
-    object.__setattr__(config, "_skills", loras)
-    return config
-
-
-def _lora_weights(source: Any, registry: Any, base: nn.Module | None) -> tuple[str | None, LoRAWeights]:
-    """(name, weights) of a LoRAModule, a ModularModel holding one, or a registry ref."""
-    if isinstance(source, str):
-        if registry is None or base is None:
-            raise ConfigError(f"Poly.from_modules: the registry ref {source!r} needs registry= (e.g. "
-                              "pelthub.Registry()) and base= (the model to load it onto)")
-        before = set(base.adapters) if isinstance(base, ModularModel) else set()
-        loaded = registry.load(source, base)
-        try:
-            return source, _lora_weights(loaded, None, None)[1]
-        finally:  # the loaded copy must not stay hooked onto the base
-            if isinstance(loaded, ModularModel):
-                for name in [n for n in loaded.adapters if n not in before]:
-                    loaded.remove(name)
-    if isinstance(source, ModularModel):
-        found = [(n, m) for n, s in source.adapters.items() for m in s.values() if isinstance(m, LoRAModule)]
-        if len(found) != 1:
-            raise ConfigError(f"Poly.from_modules: a model passed as a skill must hold exactly one LoRA, "
-                              f"this one holds {len(found)}; pass its LoRA module (model.adapters[name]['lora'])")
-        name, source = found[0]
-        return name, _lora_weights(source, None, None)[1]
-    if isinstance(source, LoRAModule):
-        return None, {site_name(k): (l.lora_a.detach().clone(), (l.lora_b * l.scale).detach().clone())
-                      for k, l in source.layers.items()}
-    raise ConfigError(f"Poly.from_modules takes LoRA modules, models holding one LoRA, or registry refs; "
-                      f"got {type(source).__name__}")
 
 
 @torch.no_grad()

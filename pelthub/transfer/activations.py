@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from ..model.sites import Sites
+from ..sites import Sites
 
 POSITIONS = ("filler", "mean")
 

@@ -1,4 +1,4 @@
-"""Rank source prompts for a new task: `rank_sources` and its `Ranking`.
+"""Rank source prompts for a new task: `rank_sources`, returning a `Ranking`.
 
 The target task is represented the SPoT way: by a prompt briefly tuned on it
 (with a trained copy of the task head), unless a tuned `target` model is
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -27,6 +26,7 @@ from ..model import attach
 from ..model.io import base_model_info, check_compatible
 from ..model.modular import ModularModel
 from ..modules.prompt import Prompt, PromptModule
+from ..registry import Ranking, require_registry
 from ..tasks import Example
 from ..training import fit, mean_loss
 from .activations import prompt_activations
@@ -35,50 +35,6 @@ from .metrics import ACTIVATION_METRICS, Layers, score_matrix
 
 METRICS = ("on", "activation_cosine", "cosine_avg", "cosine_tokens", "euclidean", "zero_shot")
 TARGET_NAME = "rank-target"
-
-
-@dataclass
-class Ranking:
-    """Candidates sorted by score, best first; `excluded` lists (name, reason) of those not scored."""
-
-    metric: str
-    rows: list[tuple[str, float]]
-    excluded: list[tuple[str, str]] = field(default_factory=list)
-    modules: dict[str, Any] = field(default_factory=dict, repr=False)
-    target_prompt: torch.Tensor | None = field(default=None, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def names(self, k: int | None = None) -> list[str]:
-        return [name for name, _ in self.rows[:k]]
-
-    def top(self, k: int = 1) -> dict[str, Any]:
-        """{name: module} of the k best, in rank order: sources for `AttentionMix`, or `init_from`.
-
-        Modules are what was passed (PromptModule or ModularModel); tensors and
-        registry refs come back as PromptModules.
-        """
-        return {name: self.modules[name] for name in self.names(k)}
-
-    @property
-    def best(self) -> Any:
-        """The best candidate's module."""
-        if not self.rows:
-            raise ConfigError(f"nothing was ranked; excluded: {self.excluded}")
-        return self.modules[self.rows[0][0]]
-
-    def table(self) -> str:
-        width = max([4, *(len(n) for n, _ in self.rows)])
-        lines = [f"{'RANK':>4}  {'NAME':<{width}}  {self.metric.upper()}"]
-        lines += [f"{i:>4}  {name:<{width}}  {score:.4f}" for i, (name, score) in enumerate(self.rows, 1)]
-        lines += [f"excluded {name}: {reason}" for name, reason in self.excluded]
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"metric": self.metric,
-                "ranking": [{"rank": i, "name": n, "score": s} for i, (n, s) in enumerate(self.rows, 1)],
-                "excluded": [{"name": n, "reason": r} for n, r in self.excluded]}
 
 
 def _is_card(value: Any) -> bool:
@@ -99,9 +55,7 @@ def _named(candidates: Any) -> list[tuple[str, Any]]:
 
 def _from_registry(base: nn.Module, value: Any, registry: Any) -> PromptModule:
     """Load a registry ref or card onto `base`, keep its prompt, and detach again."""
-    if registry is None:
-        from ..registry import Registry
-        registry = Registry()
+    registry = require_registry(registry, f"candidate {getattr(value, 'ref', value)!r}")
     card = value if _is_card(value) else registry.get(value)
     check_compatible(card.base_model, base, f"module {card.ref}")
     if "prompt" not in card.kinds:
@@ -181,8 +135,8 @@ def rank_sources(base: nn.Module, target_data: Sequence[Example], candidates: An
     base: the plain sequence-classification model (its head's label count fits
     `target_data`). candidates: a list or {name: candidate} mapping of (L, d)
     tensors, PromptModules, ModularModels holding one prompt, registry refs
-    or cards (refs and cards are loaded through `registry`, default
-    `pelthub.Registry()`). Candidates trained on another architecture, of
+    or cards (refs and cards are loaded through `registry=`, which they
+    need). Candidates trained on another architecture, of
     another width, or holding no single prompt land in `Ranking.excluded`
     with the reason. target: a ModularModel already tuned on the target (one
     prompt plus head), or the Prompt config to tune for `target_steps` AdamW

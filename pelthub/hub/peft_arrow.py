@@ -21,9 +21,10 @@ import torch
 
 from ..errors import ConfigError
 from ..model.modular import ModularModel
-from ..model.sites import is_linear
 from ..modules.lora import LoRA
-from .arrow import arrow_module
+from ..routing.arrow import arrow_module
+from ..sites import is_linear
+from .peft import export
 
 CONFIG = "arrow_config.json"
 
@@ -31,7 +32,6 @@ CONFIG = "arrow_config.json"
 @torch.no_grad()
 def export_arrow_peft(model: ModularModel, directory: str | os.PathLike) -> Path:
     """Write the Arrow model's sources (task_0, task_1, ...) and arrow_config.json under `directory`."""
-    from ..hub.peft import export  # the hub package builds on the registry; import it when exporting
     module = arrow_module(model)
     c = module.config
     layout = dict(c.layout)
