@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -31,8 +32,13 @@ COMMIT_RE = re.compile(r"^[0-9a-f]{40}\Z")
 _TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{8,}|(?<=Bearer )\S+")
 _USERINFO_RE = re.compile(r"(?<=://)[^/\s@]+@")
 PREFLIGHT_TIMEOUT_S = 5.0
-_ACTIVE: list[float] = []  # timeouts of the pelthub Hub calls running now, in any thread
+_ACTIVE: list[tuple[float, float]] = []  # (timeout, start) of the pelthub Hub calls running now, in any thread
 _ACTIVE_LOCK = threading.Lock()
+_PENDING = threading.local()  # .started: when this thread's last request went out, None once it was answered
+
+
+class Stalled(TimeoutError):
+    """A request was about to be sent again after the previous one waited out its timeout (the client retries)."""
 
 
 def endpoint_of(endpoint: str | None) -> str:
@@ -107,14 +113,31 @@ def too_slow(url: str, what: str, timeout: float | None = None) -> HubConnection
 
 
 def _bound_request(request: http.Request) -> None:
-    """Request hook: while a pelthub call runs, no request waits longer than its timeout for any step."""
+    """Request hook: while a pelthub call runs, no request waits longer than its timeout for any step.
+
+    The client retries a timed-out request up to five times with back-off
+    (~6x the timeout plus 23 s). So when a request this thread sent earlier
+    in the call got no answer and more than the timeout (plus the client's
+    first 1 s back-off, less a margin) has passed, the call stops instead; a
+    refused connection, answered within milliseconds, is still retried.
+    """
     with _ACTIVE_LOCK:
-        limit = min(_ACTIVE) if _ACTIVE else None
+        limit, since = (min(t for t, _ in _ACTIVE), min(s for _, s in _ACTIVE)) if _ACTIVE else (None, None)
     if limit is None:
         return
+    now, started = time.monotonic(), getattr(_PENDING, "started", None)
+    if started is not None and started >= since and now - started >= limit + 0.5:
+        _PENDING.started = None
+        raise Stalled(f"no answer within {limit:g} s")
+    _PENDING.started = now
     given = request.extensions.get("timeout") or {}
     request.extensions["timeout"] = {k: limit if given.get(k) is None else min(given[k], limit)
                                      for k in ("connect", "read", "write", "pool")}
+
+
+def _answered(response: http.Response) -> None:
+    """Response hook: this thread's request got an answer (any status), so sending another is no retry of a stall."""
+    _PENDING.started = None
 
 
 @contextmanager
@@ -124,14 +147,16 @@ def bounded(timeout: float | None = None) -> Iterator[float]:
     session = get_session()
     hooks = session.event_hooks
     if _bound_request not in hooks.get("request", []):
-        session.event_hooks = {**hooks, "request": [*hooks.get("request", []), _bound_request]}
+        session.event_hooks = {**hooks, "request": [*hooks.get("request", []), _bound_request],
+                               "response": [*hooks.get("response", []), _answered]}
+    scope = (limit, time.monotonic())
     with _ACTIVE_LOCK:
-        _ACTIVE.append(limit)
+        _ACTIVE.append(scope)
     try:
         yield limit
     finally:
         with _ACTIVE_LOCK:
-            _ACTIVE.remove(limit)
+            _ACTIVE.remove(scope)
 
 
 @contextmanager

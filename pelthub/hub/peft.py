@@ -39,7 +39,7 @@ from ..registry.card import HUB_ID_RE
 from .client import bounded, resolve
 from .fetch import download
 from .peft_methods import FROM_PEFT, PEFT_TYPES, PREFIX, PROMPT_LEARNING, TO_PEFT, Tensors
-from .sync import write_folder
+from .sync import refuse_squatting, write_folder
 
 FORMATS = ("peft", "pelthub")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -208,20 +208,29 @@ def import_peft(source: str | os.PathLike, registry: Registry | None = None, nam
     weightless copy), else from a weightless copy of `base_model_name_or_path`
     built from its config (a local path, or a Hub id read from HF_ENDPOINT).
     """
-    with read_peft(source, revision, endpoint, token, timeout) as adapter:
+    registry = require_registry(registry, "import_peft")
+    with read_peft(source, revision, endpoint, token, timeout, workdir=registry.blobs.tmp) as adapter:
+        if name is None and "repo_id" in adapter.source:  # the name comes from the repo: another's may hold it
+            refuse_squatting(registry, _safe_name(adapter.name), adapter.source,
+                             f"pass name= to register it under another name, e.g. import_peft({str(source)!r}, "
+                             "name='<new name>') (`pelthub import --name`)")
         model = ModularModel(_base_for(adapter, base, token, timeout))
         try:
             _attach(model, adapter, "default", tasks)
-            return require_registry(registry, "import_peft").add(model, name=name or _safe_name(adapter.name), task=task, tags=tags,
-                                                source=adapter.source)
+            return registry.add(model, name=name or _safe_name(adapter.name), task=task, tags=tags,
+                                source=adapter.source)
         finally:
             model.detach()
 
 
 @contextmanager
 def read_peft(source: str | os.PathLike, revision: str | None = None, endpoint: str | None = None,
-              token: str | None = None, timeout: float | None = None) -> Iterator[PeftAdapter]:
-    """The adapter in a local folder, or in a Hub repo (downloaded to a temporary folder and verified)."""
+              token: str | None = None, timeout: float | None = None,
+              workdir: Path | None = None) -> Iterator[PeftAdapter]:
+    """The adapter in a local folder, or in a Hub repo (downloaded to a temporary folder and verified).
+
+    workdir: where that temporary folder goes (a registry's tmp/, so gc reclaims it after a crash).
+    """
     path = Path(source)
     if path.is_dir():
         yield _read_folder(path, {"format": "peft", "path": str(path.resolve())}, path.resolve().name)
@@ -238,7 +247,7 @@ def read_peft(source: str | os.PathLike, revision: str | None = None, endpoint: 
     if files[1] not in siblings:
         raise ModuleFormatError(f"{repo_id} has no {ADAPTER_WEIGHTS}")
     _refuse_pickle(files[1], repo_id)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=workdir, prefix=f"{os.getpid()}-") as tmp:
         snap = download(repo_id, commit, siblings, files, Path(tmp), endpoint, token, timeout,
                         max_bytes={ADAPTER_CONFIG: MAX_CONFIG_BYTES})
         yield _read_folder(snap.directory, {"format": "peft", "repo_id": repo_id, "commit": commit,

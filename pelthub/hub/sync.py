@@ -39,9 +39,10 @@ from ..model.io import CONFIG_FILE, MAX_CONFIG_BYTES
 from ..registry.blobs import file_sha256
 from ..registry.card import HUB_ID_RE, Card, check_name
 from .client import (COMMIT_RE, api, bounded, check_online, check_repo_id, endpoint_of, public, resolve, scrub,
-                     translated)
+                     too_slow, translated)
 from .fetch import Snapshot, download
 from .limits import max_card_bytes, max_depth as depth_limit, max_parents as parents_limit
+from .transport import http
 
 if TYPE_CHECKING:
     from ..registry import Registry
@@ -121,6 +122,8 @@ def push(registry: "Registry", ref: str, repo_id: str, revision: str | None = No
                                            commit_message=f"pelthub push {card.ref}").oid
             except RuntimeError as e:  # the client wraps a failed LFS upload in a bare RuntimeError
                 cause = e.__cause__ or e
+                if isinstance(cause, (TimeoutError, http.TimeoutException)):
+                    raise too_slow(url, what, timeout) from None
                 raise HubError(f"cannot {what}: uploading the files failed ({type(cause).__name__}: "
                                f"{scrub(str(cause), token)[:160]}); try again") from None
     except BaseException as e:
@@ -372,7 +375,12 @@ def _add_all(registry: "Registry", order: list[_Node], name: str | None, url: st
             continue
         card, snap, asked = node.card, node.snap, node is order[-1]
         if not (asked and name):
-            _refuse_squatting(registry, card.name, node, snap.endpoint, asked)
+            fix = (f"pass name= to register it under another name, e.g. reg.pull({node.repo_id!r}, name='<new name>') "
+                   "(`pelthub pull --name`)" if asked else
+                   f"pull that parent first under another name: reg.pull({node.repo_id!r}, revision={node.commit!r}, "
+                   "name='<new name>')")
+            refuse_squatting(registry, card.name, {"repo_id": node.repo_id, "commit": node.commit,
+                                                   "endpoint": snap.endpoint}, fix)
         parents = [{"ref": refs[where], "sha256": p.get("sha256")} for p, where in zip(card.parents, node.parents)]
         refs[key] = registry.add(snap.directory, name=name if asked and name else card.name, task=card.task,
                                  tags=card.tags, metrics=card.metrics, description=card.description,
@@ -381,26 +389,25 @@ def _add_all(registry: "Registry", order: list[_Node], name: str | None, url: st
     return refs[(order[-1].repo_id, order[-1].commit)]
 
 
-def _refuse_squatting(registry: "Registry", name: str, node: _Node, endpoint: str, asked: bool) -> None:
-    """A pulled card may not add a version to a local name whose modules came from anywhere else."""
+def refuse_squatting(registry: "Registry", name: str, source: dict[str, str], fix: str) -> None:
+    """A module from a Hub repo may not add a version to a local name whose modules came from anywhere else.
+
+    source: {"repo_id", "commit", "endpoint"} (public form) of the module; fix: what to do instead.
+    """
     try:
         versions = registry.versions(name)
     except RegistryError:
         return
-    alien = [c for c in versions if not (_is_hub_source(c.source) and c.source["repo_id"] == node.repo_id
-                                         and c.source["endpoint"] == endpoint)]
+    alien = [c for c in versions if not (_is_hub_source(c.source) and c.source["repo_id"] == source["repo_id"]
+                                         and c.source["endpoint"] == source["endpoint"])]
     if not alien:
         return
     theirs = alien[-1].source
     origin = (f"{theirs['repo_id']} on {theirs['endpoint']}" if _is_hub_source(theirs)
               else "this machine" if not theirs else "elsewhere")
-    fix = (f"pass name= to register it under another name, e.g. reg.pull({node.repo_id!r}, name='<new name>') "
-           "(`pelthub pull --name`)" if asked else
-           f"pull that parent first under another name: reg.pull({node.repo_id!r}, revision={node.commit!r}, "
-           "name='<new name>')")
-    raise RegistryError(f"{node.repo_id}@{node.commit[:12]} calls itself {name!r}, but {name!r} here holds "
-                        f"{alien[-1].ref} from {origin}; pulling it would make {name!r} load the pulled weights. "
-                        f"Nothing was added: {fix}")
+    raise RegistryError(f"{source['repo_id']}@{source['commit'][:12]} would be registered as {name!r}, but {name!r} "
+                        f"here holds {alien[-1].ref} from {origin}; adding it would make {name!r} load the "
+                        f"downloaded weights. Nothing was added: {fix}")
 
 
 def _pulled(registry: "Registry", repo_id: str, commit: str, url: str) -> Card | None:

@@ -75,3 +75,19 @@ def test_http_errors_from_the_client_are_scrubbed_of_credentials(local_hub, regs
     with pytest.raises(HubError) as caught:
         alice.push(lora_ref, "alice/x", endpoint=with_credentials(local_hub.endpoint))
     assert SECRET not in str(caught.value)
+
+
+def test_the_cli_prints_no_credentials_in_its_errors(local_hub, regs, capsys):
+    _, bob = regs
+    from pelthub import cli
+    for endpoint in (with_credentials(local_hub.endpoint), with_credentials("http://127.0.0.1:9")):
+        assert cli.main(["pull", "alice/missing", "--endpoint", endpoint, "--registry", str(bob.root)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("pelthub pull: error: ") and SECRET not in err and "alice@" not in err
+
+
+def test_scrub_removes_credentials_from_client_messages():
+    """Client errors quote URLs; whatever URL a message holds loses its user:password@."""
+    from pelthub.hub.client import scrub
+    text = scrub(f"Server error for url 'http://alice:{SECRET}@mirror.example/api/models/x' (token hf_abcdefghijkl)")
+    assert SECRET not in text and "hf_abcdefghijkl" not in text and "http://mirror.example/api/models/x" in text

@@ -114,3 +114,24 @@ def test_an_honest_module_of_every_kind_still_loads_equal(tmp_path):
         assert theirs.keys() == ours.keys()
         for key, value in ours.items():
             torch.testing.assert_close(theirs[key], value, rtol=0, atol=0)
+
+
+def test_a_pulled_module_declaring_a_huge_rank_allocates_nothing(saved, local_hub, regs, monkeypatch):
+    """The 3.6 KB attack of the issue, served by a Hub: pull stores it as bytes; load refuses it before allocating."""
+    _declare(saved, r=2 ** 40)
+    alice, bob = regs
+    ref = alice.add(saved, name="huge-rank")  # add reads the header, not the configs: nothing is built
+    publish(local_hub, alice, ref, "eve/huge-rank")
+    allocated = []
+    original = LoRALinear.__init__
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if self.lora_a.device.type != "meta":
+            allocated.append(self.lora_a.numel() + self.lora_b.numel())
+
+    monkeypatch.setattr(LoRALinear, "__init__", recording)
+    pulled = bob.pull("eve/huge-rank", endpoint=local_hub.endpoint)
+    with pytest.raises(ModuleFormatError, match="lora_a"):
+        bob.load(pulled, tiny.bert())
+    assert allocated == []

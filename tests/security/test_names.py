@@ -105,3 +105,23 @@ def test_tabs_and_newlines_stay_allowed_in_descriptions(tmp_path):
     reg = ph.Registry(tmp_path / "reg")
     ref = reg.add(trained(ph.LoRA(r=2)), name="m", description="line one\n\tline two")
     assert reg.get(ref).description == "line one\n\tline two"
+
+
+def test_an_imported_hub_adapter_cannot_add_a_version_to_a_local_name(local_hub, regs, tmp_path, monkeypatch):
+    """import of a Hub PEFT adapter names it after the repo; a stranger's repo may not extend a local name either."""
+    peft = pytest.importorskip("peft")
+    from pelthub.hub import fetch, import_peft
+    _, bob = regs
+    mine = bob.add(trained(ph.LoRA(r=2), seed=1), name="my-prod-lora")
+    folder = tmp_path / "adapter"
+    peft.get_peft_model(tiny.bert(), peft.LoraConfig(r=2, target_modules=["query", "value"])).save_pretrained(folder)
+    local_hub.put_files("eve/my-prod-lora", {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})
+    written = []
+    real = fetch._stream
+    monkeypatch.setattr(fetch, "_stream", lambda url, dest, *a, **k: (written.append(dest), real(url, dest, *a, **k)))
+    with pytest.raises(RegistryError, match="my-prod-lora.*name="):
+        import_peft("eve/my-prod-lora", registry=bob, base=tiny.bert(), endpoint=local_hub.endpoint)
+    assert [c.ref for c in bob.versions("my-prod-lora")] == [mine]
+    ref = import_peft("eve/my-prod-lora", registry=bob, base=tiny.bert(), endpoint=local_hub.endpoint, name="eve-lora")
+    assert ref == "eve-lora@1" and bob.get(ref).source["repo_id"] == "eve/my-prod-lora"
+    assert written and all(p.resolve().is_relative_to(bob.blobs.tmp.resolve()) for p in written)

@@ -1,6 +1,7 @@
 """Parents are walked with a stack within depth and count limits the user can raise; cycles are refused."""
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
@@ -29,6 +30,7 @@ def fan(hub, reg, ref, width: int) -> str:
     return "eve/top"
 
 
+@pytest.mark.slow
 def test_a_400_deep_chain_stops_at_the_depth_limit_quickly(local_hub, regs, lora_ref):
     alice, bob = regs
     root = chain(local_hub, alice, lora_ref, 400)
@@ -38,6 +40,25 @@ def test_a_400_deep_chain_stops_at_the_depth_limit_quickly(local_hub, regs, lora
     assert time.monotonic() - start < 30
     assert len(local_hub.requests) < 40 * 4  # ~3 requests per level reached, not 2,000+
     assert len(bob) == 0 and list(bob.blobs) == []
+
+
+@pytest.mark.slow
+def test_a_deep_chain_within_a_raised_limit_is_walked_without_recursion(local_hub, regs, lora_ref):
+    """Before: RecursionError at 400 deep. The walk keeps a stack: 200 levels pull with only 150 Python frames
+    to spare above this test (a pull needs ~30), where a recursive walk needs at least one frame a level."""
+    alice, bob = regs
+    root = chain(local_hub, alice, lora_ref, 200)
+    frame, depth = sys._getframe(), 0
+    while frame:
+        frame, depth = frame.f_back, depth + 1
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(depth + 150)
+    try:
+        ref = bob.pull(root, endpoint=local_hub.endpoint, max_depth=200, max_parents=200)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert len(bob) == 200 and [p["ref"] for p in bob.get(ref).parents] == ["m1@1"]
+    assert [p["ref"] for p in bob.get("m198").parents] == ["m199@1"] and bob.get("m199").parents == []
 
 
 def test_the_depth_limit_can_be_raised(local_hub, regs, lora_ref):

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from pelthub.errors import HubError, HubIntegrityError, ModuleFormatError
+from pelthub.hub import fetch
 from tests.security.conftest import files_under, publish
 
 
@@ -44,14 +45,26 @@ def test_a_commit_other_than_the_one_asked_for_is_refused(local_hub, regs, lora_
         bob.pull("eve/lora", revision=sha, endpoint=local_hub.endpoint)
 
 
-def test_hostile_etag_cannot_choose_where_bytes_land(local_hub, regs, lora_ref, tmp_path):
+def test_hostile_etag_cannot_choose_where_bytes_land(local_hub, regs, lora_ref, tmp_path, monkeypatch):
     alice, bob = regs
     publish(local_hub, alice, lora_ref, "eve/lora")
     pwned = tmp_path / "etag-pwned"
     local_hub.lie("eve/lora", etag=_traversal(pwned))
+    before, written = files_under(tmp_path), []
+    real = fetch._stream
+
+    def recording(url, dest, *args, **kwargs):  # every file the downloader writes
+        written.append(dest)
+        return real(url, dest, *args, **kwargs)
+
+    monkeypatch.setattr(fetch, "_stream", recording)
     ref = bob.pull("eve/lora", endpoint=local_hub.endpoint)  # the ETag plays no part in where bytes go
     assert not pwned.exists() and not list(tmp_path.rglob("etag-pwned*"))
     assert bob.get(ref).files == alice.get(lora_ref).files
+    assert sorted(p.name for p in written) == ["README.md", "modules.safetensors", "pelthub.json"]
+    assert all(p.resolve().is_relative_to(bob.blobs.tmp.resolve()) for p in written)
+    assert files_under(tmp_path) - before <= files_under(bob.root)  # not even the client's cache was written
+    assert not any(bob.blobs.tmp.iterdir())
 
 
 def test_file_names_in_a_card_must_be_plain(local_hub, regs, lora_ref):
@@ -85,6 +98,7 @@ def test_a_server_sending_more_bytes_than_it_records_is_cut_off(local_hub, regs,
     assert list(bob.blobs) == []
 
 
+@pytest.mark.slow
 def test_a_huge_card_is_refused_before_it_is_downloaded_or_parsed(local_hub, regs, lora_ref, monkeypatch):
     alice, bob = regs
     card = alice.get(lora_ref).to_markdown()

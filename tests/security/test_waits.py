@@ -120,3 +120,18 @@ def test_a_5xx_that_recovers_is_retried(local_hub, regs, lora_ref):
     local_hub.fail("GET", r"/resolve/.*/modules\.safetensors$", status=502, times=1)
     ref = bob.pull("eve/lora", endpoint=local_hub.endpoint)
     assert bob.get(ref).files == alice.get(lora_ref).files
+
+
+@pytest.mark.parametrize("step", [r"/preupload/", r"/lfs-upload/", r"/commit/"])
+def test_a_push_whose_upload_never_answers_fails_within_the_timeout(local_hub, regs, lora_ref, step):
+    alice, _ = regs
+    local_hub.fail("*", step, hang=30)
+    error = within(15, lambda: alice.push(lora_ref, "alice/stuck", endpoint=local_hub.endpoint, timeout=1))
+    assert isinstance(error, HubConnectionError) and "did not answer within 1 s" in str(error)
+    assert "deleted again" in str(error) and ("model", "alice/stuck") not in local_hub.repos
+
+
+def test_a_hub_search_that_stalls_fails_within_the_timeout(local_hub):
+    local_hub.fail("GET", r"^/api/models", hang=30)
+    error = within(15, lambda: search(endpoint=local_hub.endpoint, timeout=1))
+    assert isinstance(error, HubConnectionError) and "did not answer within 1 s" in str(error)
