@@ -7,6 +7,8 @@ The reference for each half-precision run is the same modules on the fp32 base.
 """
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 
 import pelthub as ph
 from tests import tiny
@@ -38,9 +40,19 @@ def fp32_and_half(arch, kind, dtype):
     return model, half
 
 
-@pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("arch", ["llama", "t5"])
+# Open bug: on transformers 5.12.1 (our oldest) a LoRA on a bf16 T5 is off by 3.2 where the modules' effect is 5.5
+# (the bare bf16 T5 is within 0.03); on 5.24 it holds. Strict: it flags the day it is fixed.
+OLD_T5_BF16_LORA = pytest.mark.xfail(
+    Version(transformers.__version__) < Version("5.24"), strict=True,
+    reason="LoRA on a bf16 T5 drifts on transformers < 5.24 (see the issue 15 closing note)")
+
+
+def _cases():
+    return [pytest.param(arch, kind, dtype, marks=[OLD_T5_BF16_LORA] * ((arch, kind, dtype) == ("t5", "lora", "bf16")))
+            for arch in ("llama", "t5") for kind in KINDS for dtype in HALF]
+
+
+@pytest.mark.parametrize("arch, kind, dtype", _cases())
 def test_every_kind_runs_forward_backward_and_generate_on_a_half_base(arch, kind, dtype):
     model, half = fp32_and_half(arch, kind, HALF[dtype])
     inputs = tiny.batch(arch)
