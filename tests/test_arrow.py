@@ -162,6 +162,46 @@ def test_padding_does_not_change_the_real_tokens():
     torch.testing.assert_close(tiny.run(model, inputs)[-1:], tiny.run(model, alone), atol=1e-5, rtol=1e-5)
 
 
+def dense_update(h, chosen, weights, a, b):
+    """Σ_j w_tj·(s·B_e)(A_e h_t) by gathering each choice's full matrices (float64)."""
+    h, a, b, weights = h.double(), a.double(), b.double(), weights.double()
+    per_choice = torch.einsum("ti,tjri,tjro->tjo", h, a[chosen], b[chosen])     # (t, k, out)
+    return (weights[..., None] * per_choice).sum(1)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_sparse_update_and_its_gradients_equal_the_dense_mixture(dtype, tol):
+    """The kernel, values and gradients (to the tokens and the mixing weights), against a dense gather."""
+    g = torch.Generator().manual_seed(0)
+    t, e, r, d_in, d_out, k = 13, 40, 4, 24, 16, 3
+    a, b = torch.randn(e, r, d_in, generator=g), torch.randn(e, r, d_out, generator=g)
+    chosen = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    h = torch.randn(t, d_in, generator=g).to(dtype).requires_grad_()
+    logits = torch.randn(t, k, generator=g).requires_grad_()
+    got = arrow_impl.sparse_update(h, chosen, logits.softmax(1).to(dtype), a.to(dtype), b.to(dtype))
+    assert got.dtype == dtype
+    upstream = torch.randn(t, d_out, generator=g)
+    (got.float() * upstream).sum().backward()
+    h_ref, logits_ref = h.detach().double().requires_grad_(), logits.detach().double().requires_grad_()
+    expected = dense_update(h_ref, chosen, logits_ref.softmax(1), a.to(dtype), b.to(dtype))
+    (expected * upstream.double()).sum().backward()
+    scale = expected.abs().max()
+    torch.testing.assert_close(got.double() / scale, expected / scale, rtol=0, atol=tol)
+    torch.testing.assert_close(h.grad.double(), h_ref.grad, rtol=tol, atol=tol * float(h_ref.grad.abs().max()))
+    torch.testing.assert_close(logits.grad.double(), logits_ref.grad, rtol=tol,
+                               atol=tol * float(logits_ref.grad.abs().max()))
+
+
+@pytest.mark.slow
+def test_compiled_arrow_equals_eager():
+    torch._dynamo.reset()
+    model = ph.compose(tiny.bert(), ph.Arrow(trained_loras(), top_k=2)).eval()
+    inputs = tiny.batch("bert")
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="eager")(**inputs).logits, tiny.run(model, inputs),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_unchosen_sources_are_never_computed():
     """NaN in the sources no token picks at a layer must not reach the output (a dense mixture spreads it)."""
     specs = [(r, ("q", "v")) for r in (1, 2, 3, 4, 2, 3)]

@@ -58,7 +58,7 @@ def export_arrow_peft(model: ModularModel, directory: str | os.PathLike) -> Path
             for site, layer in carrier.adapters["task"]["lora"].layers.items():
                 arrow = module.layers[site]
                 layer.lora_a.copy_(arrow.lora_a[i])
-                layer.lora_b.copy_(arrow.lora_b[i])
+                layer.lora_b.copy_(arrow.lora_b[i].T)    # Arrow holds (s·B)ᵀ
             export(carrier, out / f"task_{i}", format="peft")
         finally:
             carrier.detach()

@@ -8,9 +8,11 @@ At each adapted linear layer, for the sources e that adapt it (ΔW_e = s_e·B_e�
     w_e      = softmax_{e∈K(h)}(score_e / temperature)
     y        = W₀h + Σ_{e∈K(h)} w_e · s_e · B_e A_e h
 
-Sparse: tokens are grouped by chosen source, so each source computes only the tokens routed to
-it and a forward costs about top_k LoRAs plus the scores (h against E prototypes), whatever the
-library size. PEFT's `create_arrow_model` computes every source for every token instead.
+Sparse: the chosen sources' rank rows form a sparse mask over the stacked sources, and the update
+is a sampled dense matmul then a sparse × dense one (`sparse_update`): each token computes only
+its top_k sources, so a forward costs about top_k LoRAs plus the scores (h against E prototypes),
+in a fixed number of kernel calls whatever the library size. PEFT's `create_arrow_model`
+computes every source for every token instead.
 
 `gks=[general LoRAs]` is GenKnowSub (as PEFT's `use_gks`): before the prototypes are taken, each
 source's A and B at a layer are reduced by the means of the general LoRAs' A and B there
@@ -22,13 +24,15 @@ of modules given in memory) and, once built, `layout` (which sources adapt which
 their ranks), so a saved Arrow model rebuilds empty and loads its tensors stand-alone.
 `Arrow(sources, ...)` pairs the config with the in-memory sources (by reference, never copied
 until built) and the registry as build inputs (`Sourced`). The built module holds the frozen
-sources (A, s·B, padded to the layer's largest rank) and the cached prototypes; only `log_temperature` can train (`learn_temperature=True`).
+sources (A and (s·B)ᵀ, padded to the layer's largest rank) and the cached prototypes; only `log_temperature` can train (`learn_temperature=True`).
 Prototypes come from the registry's stored signatures when a registry ref has one.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
@@ -150,15 +154,15 @@ class ArrowConfig(ModuleConfig):
 
 
 class ArrowLinear(nn.Module):
-    """The sources of one linear layer: A (E, r, in), s·B (E, out, r) zero-padded to the largest rank r,
-    the true ranks, and the prototypes (E, in); all frozen."""
+    """The sources of one linear layer: A (E, r, in) and (s·B)ᵀ (E, r, out), zero-padded to the largest
+    rank r, the true ranks, and the prototypes (E, in); all frozen."""
 
     def __init__(self, in_features: int, out_features: int, ranks: tuple[int, ...]):
         super().__init__()
         e, r = len(ranks), max(ranks)
         self.ranks = ranks
         self.lora_a = nn.Parameter(torch.zeros(e, r, in_features), requires_grad=False)
-        self.lora_b = nn.Parameter(torch.zeros(e, out_features, r), requires_grad=False)
+        self.lora_b = nn.Parameter(torch.zeros(e, r, out_features), requires_grad=False)
         self.prototypes = nn.Parameter(torch.zeros(e, in_features), requires_grad=False)
 
     def route(self, h: torch.Tensor, top_k: int, temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,19 +174,42 @@ class ArrowLinear(nn.Module):
     def forward(self, x: torch.Tensor, top_k: int, temperature: torch.Tensor) -> torch.Tensor:
         lead, h = x.shape[:-1], x.reshape(-1, x.shape[-1]).to(self.lora_a.dtype)
         if h.shape[0] == 0:
-            return h.new_zeros(*lead, self.lora_b.shape[1])
+            return h.new_zeros(*lead, self.lora_b.shape[2])
         chosen, weights = self.route(h, top_k, temperature)
-        order = chosen.reshape(-1).argsort()                 # (token, slot) pairs grouped by source
-        tokens, w = order // chosen.shape[1], weights.reshape(-1)[order, None]
-        counts = torch.bincount(chosen.reshape(-1), minlength=len(self.ranks)).tolist()
-        out, start = h.new_zeros(h.shape[0], self.lora_b.shape[1]), 0
-        for e, (n, r) in enumerate(zip(counts, self.ranks)):  # only the sources some token chose
-            if n:
-                rows = tokens[start:start + n]
-                z = h.index_select(0, rows) @ self.lora_a[e, :r].T * w[start:start + n]
-                out.index_add_(0, rows, z @ self.lora_b[e, :, :r].T)
-            start += n
-        return out.reshape(*lead, -1)
+        return sparse_update(h, chosen, weights, self.lora_a, self.lora_b).reshape(*lead, -1)
+
+
+def sparse_update(h: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, a: torch.Tensor,
+                  b: torch.Tensor) -> torch.Tensor:
+    """Σ_j weights[t, j]·(s·B_e)(A_e h_t) with e = chosen[t, j], for tokens h (t, in), A (E, r, in), (s·B)ᵀ (E, r, out).
+
+    Stacking the sources' rank rows, A (E·r, in) and (s·B)ᵀ (E·r, out), the update is
+    (M ⊙ (h Aᵀ)) (s·B)ᵀ for the mask M (t, E·r) that keeps the r rows of each chosen source: a sampled
+    dense matmul (only the kept entries are computed) then a sparse × dense one, three kernel calls
+    whatever the library size, and a source no token chose is never read. Half precision runs in
+    float32 (the CPU sparse kernels have no half types).
+    """
+    dtype = h.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        h, a, b, weights = h.float(), a.float(), b.float(), weights.float()
+    (t, k), r = chosen.shape, a.shape[1]
+    chosen, order = chosen.sort(dim=1)                               # CSR wants each row's columns ascending
+    cols = (chosen[..., None] * r + torch.arange(r, device=h.device)).reshape(-1)
+    crow = torch.arange(0, t * k * r + 1, k * r, device=h.device)
+    mask = torch.sparse_csr_tensor(crow, cols, h.new_ones(cols.numel()), (t, a.shape[0] * r), check_invariants=False)
+    z = torch.sparse.sampled_addmm(mask, h, a.reshape(-1, a.shape[2]).T, beta=0.0).values()
+    z = z * weights.gather(1, order).repeat_interleave(r, 1).reshape(-1)
+    update = torch.sparse_csr_tensor(crow, cols, z, mask.shape, check_invariants=False)
+    return (update @ b.reshape(-1, b.shape[2])).to(dtype)
+
+
+@functools.cache
+def _acknowledge_sparse_beta() -> None:
+    """torch warns once per process that sparse CSR tensors are in beta; pelthub's use of them is
+    internal and tested, so the first CSR tensor is made here, at build, with that warning ignored."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        torch.sparse_csr_tensor(torch.tensor([0, 1]), torch.tensor([0]), torch.ones(1), (1, 1), check_invariants=False)
 
 
 class ArrowModule(PeltModule):
@@ -190,6 +217,7 @@ class ArrowModule(PeltModule):
 
     def __init__(self, config: ArrowConfig, dims: dict[str, tuple[int, int]]):
         super().__init__()
+        _acknowledge_sparse_beta()
         self.config = config
         self.resolved: list[dict[str, Any]] = []  # {"ref", "sha256"} of the sources a registry gave at build
         self.layers = nn.ModuleDict({site_key(site): ArrowLinear(*dims[site], tuple(r for _, r in entries))
@@ -212,7 +240,7 @@ class ArrowModule(PeltModule):
             for j, (i, r) in enumerate(entries):
                 a, b, scale = loras[i][site]
                 layer.lora_a[j, :r] = a
-                layer.lora_b[j, :, :r] = b * scale
+                layer.lora_b[j, :r] = (b * scale).T
                 saved = (stored[i] or {}).get(site)
                 layer.prototypes[j] = saved if saved is not None else top_right_singular(a, b)
 
