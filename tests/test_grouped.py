@@ -23,6 +23,10 @@ KINDS = {
     "compacter": [ph.Compacter(n=2, reduction=4)],
     "ln": [ph.LNTuning()],
     "mixed": [ph.LoRA(r=2, targets=("q", "v", "up")), ph.IA3(), ph.Bottleneck(reduction=4)],
+    "prompt": [ph.Prompt(length=3)],
+    "prefix": [ph.Prefix(length=2, hidden=None)],
+    "prefix-mlp": [ph.Prefix(length=2, hidden=8)],
+    "lora+prompt": [ph.LoRA(r=2, targets=("q", "v")), ph.Prompt(length=2)],
 }
 IDS = [2, 0, 1, 2, 1]
 
@@ -47,6 +51,34 @@ def test_per_task_equals_each_example_alone(kind):
         got = run_ids(model, inputs, torch.tensor(ids))
         want = torch.cat([alone(dict(module.tasks[t]), inputs, i) for i, t in enumerate(ids)])
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_per_task_prompts_train_only_their_tasks(kind):
+    """Each example's loss reaches its own task's prompt or prefix and no other task's."""
+    model = ph.compose(tiny.bert(), PerTask(tuple(KINDS[kind]), tasks=["a", "b", "c"]), head=True).train()
+    inputs = tiny.batch("bert", b=4)
+    model(**inputs, task_ids=torch.tensor([2, 0, 2, 0])).logits.square().sum().backward()
+    module = per_task_module(model)
+    grads = [[p.grad for p in module.tasks[t].parameters()] for t in range(3)]
+    assert all(g is not None and g.abs().sum() > 0 for t in (0, 2) for g in grads[t])
+    assert all(g is None or not g.any() for g in grads[1])
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_per_task_prompts_generate_as_each_task_alone(kind):
+    model = ph.compose(tiny.gpt2(), PerTask(tuple(KINDS[kind]), tasks=["a", "b"])).eval()
+    perturb(model, scale=0.3)
+    module = per_task_module(model)
+    ids = tiny.batch("gpt2", b=2, n=4)["input_ids"]
+    got = model.generate(ids, task_ids=torch.tensor([1, 0]), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    for i, t in enumerate([1, 0]):
+        ref = ModularModel(tiny.gpt2())
+        ref.add("only", [m.config for m in module.tasks[t].values()], init=False)
+        for k, m in module.tasks[t].items():
+            ref.adapters["only"][k].load_state_dict(m.state_dict())
+        want = ref.eval().generate(ids[i:i + 1], max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        assert torch.equal(got[i:i + 1], want)
 
 
 def run_ids(model, inputs, ids):

@@ -33,8 +33,12 @@ OPTIMISERS = {"adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_
 MIXED = (ph.LoRA(r=2, targets=("q", "v")), ph.IA3(), ph.Bottleneck(reduction=4))
 
 
-@pytest.mark.parametrize("optimiser, configs", [("adamw", (CFG,)), ("sgd", (CFG,)), ("adamw", MIXED)],
-                         ids=["adamw-lora", "sgd-lora", "adamw-lora+ia3+bottleneck"])
+INPUTS = (ph.LoRA(r=2, targets=("q", "v")), ph.Prompt(length=2), ph.Prefix(length=2, hidden=None))
+
+
+@pytest.mark.parametrize("optimiser, configs", [("adamw", (CFG,)), ("sgd", (CFG,)), ("adamw", MIXED),
+                                                ("adamw", INPUTS)],
+                         ids=["adamw-lora", "sgd-lora", "adamw-lora+ia3+bottleneck", "adamw-lora+prompt+prefix"])
 def test_per_task_training_equals_separate_runs(optimiser, configs):
     adamw = OPTIMISERS[optimiser]
     model = ph.compose(tiny.bert(), PerTask(configs, tasks=TASKS)).eval()

@@ -428,8 +428,8 @@ def warn_if_random_head(base: nn.Module) -> None:
 
 
 def _provides(module: nn.Module, method: str) -> bool:
-    """Whether a module kind overrides one of PeltModule's optional capabilities."""
-    return getattr(type(module), method) is not getattr(PeltModule, method)
+    """Whether a module offers one of PeltModule's optional capabilities (`PeltModule.provides`)."""
+    return module.provides(method) if isinstance(module, PeltModule) else False
 
 
 def _batch_size(kwargs: dict[str, Any]) -> int:

@@ -8,7 +8,7 @@ differentiable, so training reaches each row's own parameters and nothing else);
 uses that row's tensors as they are.
 
 Kinds: LoRA, IA3, bottleneck and Compacter adapters (any placement), LN-tuning. Prompts and prefixes
-change the input length and are refused.
+change the input length, so a bank refuses them; `PerTask` serves them beside its bank.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class Bank:
         bad = [k for k in self.kinds if k not in SELECTABLE]
         if bad:
             raise RoutingError(f"{what} selects among {list(SELECTABLE)} modules per example, not {bad}: prompts "
-                               "and prefixes change the input length; keep them in a set of their own outside it")
+                               "and prefixes change the input length; PerTask(..., tasks=) with task_ids= runs one per example")
         for r in self.rows:
             mine = [k for k in self.kinds if k in r]
             if mine != list(r):

@@ -115,6 +115,11 @@ class PeltModule(nn.Module):
         """Per-layer (key, value) pairs (B, heads, L, head_dim), or None."""
         return None
 
+    def provides(self, method: str) -> bool:
+        """Whether this module offers one of the optional capabilities above (`prompt`, `prefix`, ...):
+        by default, whether its kind overrides the method; a container kind answers by what it holds."""
+        return getattr(type(self), method) is not getattr(PeltModule, method)
+
     def reads_call_state(self) -> bool:
         """Overridden (to return True) by kinds whose hooks read the call state inside the layers."""
         return False

@@ -79,9 +79,7 @@ class PrefixModule(PeltModule):
         return self.values if self.config.hidden is None else self.mlp(self.embedding)
 
     def prefix(self, batch: int, ctx: CallContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        layers, heads, head_dim = self.shape
-        kv = self.flat().view(-1, 2 * layers, heads, head_dim).permute(1, 2, 0, 3).unbind(0)  # 2N × (heads, L, hd)
-        return [(kv[2 * i].expand(batch, -1, -1, -1), kv[2 * i + 1].expand(batch, -1, -1, -1)) for i in range(layers)]
+        return layer_pairs(self.flat().expand(batch, -1, -1), self.shape)
 
     @torch.no_grad()
     def collapse(self) -> None:
@@ -98,3 +96,10 @@ class PrefixModule(PeltModule):
         self.collapse()
         kv = torch.stack([t[0] for pair in pairs for t in pair])          # (2N, heads, L, hd)
         self.values.copy_(kv.permute(2, 0, 1, 3).reshape(self.values.shape))
+
+
+def layer_pairs(flat: torch.Tensor, shape: tuple[int, int, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (key, value), each (B, heads, L, head_dim), of prefixes flat (B, L, 2·N·heads·head_dim)."""
+    layers, heads, head_dim = shape
+    kv = flat.view(*flat.shape[:2], 2 * layers, heads, head_dim).permute(2, 0, 3, 1, 4)  # (2N, B, heads, L, hd)
+    return [(kv[2 * i], kv[2 * i + 1]) for i in range(layers)]

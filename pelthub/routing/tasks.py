@@ -1,9 +1,11 @@
 """Many task modules trained and served in one mixed batch: `PerTask`.
 
 `ph.compose(base, ph.PerTask(ph.LoRA(r=8), tasks=["a", "b", "c"]))` holds one LoRA per task (any of
-LoRA, IA3, bottleneck, Compacter, LN-tuning, several kinds at once) and runs each example of a
-`task_ids=` batch through its own task's modules only (`pelthub.modules.bank`). Each task's modules
-are ordinary modules with their own parameters, so:
+LoRA, IA3, bottleneck, Compacter, LN-tuning, soft prompts and prefixes, several kinds at once) and
+runs each example of a `task_ids=` batch through its own task's modules only: the layer kinds by
+the hooks of `pelthub.modules.bank`, prompts and prefixes by gathering each example's task's
+tensors from the tasks' stack (one config, so every task's prompt or prefix has one length). Each
+task's modules are ordinary modules with their own parameters, so:
 
 - each example's loss reaches only its task's parameters (the others get zero gradient from it);
 - with a per-task optimiser state (Adam keeps state per parameter element, so one AdamW over all
@@ -31,15 +33,19 @@ from ..modules.bank import SELECTABLE, Bank
 from ..modules.base import CallContext, Handle, PeltModule
 from ..modules.config import ModuleConfig, config_from_dict
 from ..modules.grouped import RoutePlan, plan_once
+from ..modules.prefix import layer_pairs
 from ..sites import Sites
 from .poly_export import fresh_copy
+
+INPUT_KINDS = ("prompt", "prefix")  # kinds that act on the inputs, served outside the bank
 
 
 @dataclass(frozen=True)
 class PerTask(ModuleConfig):
     """One set of modules per task, each example running its own task's set (by `task_ids=`).
 
-    modules: the config(s) every task gets (one per kind: LoRA, IA3, Bottleneck, Compacter, LNTuning);
+    modules: the config(s) every task gets (one per kind: LoRA, IA3, Bottleneck, Compacter, LNTuning,
+    Prompt, Prefix);
     tasks: task names (or their number). Every task's modules start from their kind's own
     initialisation, drawn one task after another.
     """
@@ -57,9 +63,9 @@ class PerTask(ModuleConfig):
 
     def validate(self) -> None:
         kinds = [getattr(m, "kind", None) for m in self.modules]
-        if not kinds or len(set(kinds)) != len(kinds) or any(k not in SELECTABLE for k in kinds):
-            raise ConfigError(f"PerTask.modules must be one config per kind, kinds from {list(SELECTABLE)}, "
-                              f"got {kinds}")
+        if not kinds or len(set(kinds)) != len(kinds) or any(k not in (*SELECTABLE, *INPUT_KINDS) for k in kinds):
+            raise ConfigError(f"PerTask.modules must be one config per kind, kinds from "
+                              f"{[*SELECTABLE, *INPUT_KINDS]}, got {kinds}")
         if (not isinstance(self.tasks, tuple) or not self.tasks or len(set(self.tasks)) != len(self.tasks)
                 or not all(isinstance(t, str) and t for t in self.tasks)):
             raise ConfigError(f"PerTask.tasks must be a non-empty list of distinct task names (or their number), "
@@ -85,9 +91,28 @@ class PerTaskModule(PeltModule):
     def reads_call_state(self) -> bool:
         return True
 
+    def provides(self, method: str) -> bool:
+        """`prompt` / `prefix` when the tasks hold that kind, besides what every PeltModule offers."""
+        if method in INPUT_KINDS:
+            return method in self.tasks[0]
+        return super().provides(method)
+
     def install(self, base: nn.Module, ctx: CallContext) -> list[Handle]:
-        bank = Bank(list(self.tasks), lambda batch: self.route(ctx, batch), "PerTask")
-        return bank.install(base, ctx)
+        layered = [{k: m for k, m in row.items() if k not in INPUT_KINDS} for row in self.tasks]
+        if not layered[0]:
+            return []
+        return Bank(layered, lambda batch: self.route(ctx, batch), "PerTask").install(base, ctx)
+
+    def prompt(self, embeds: torch.Tensor, mask: torch.Tensor | None, ctx: CallContext) -> torch.Tensor:
+        """Each example's task's prompt, (B, L, d)."""
+        stack = torch.stack([row["prompt"].embeddings for row in self.tasks])          # (T, L, d)
+        return stack.index_select(0, self._ids(ctx, embeds.shape[0]))
+
+    def prefix(self, batch: int, ctx: CallContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each example's task's prefix, per layer (key, value) of (B, heads, L, head_dim)."""
+        rows = [row["prefix"] for row in self.tasks]
+        stack = torch.stack([m.flat() for m in rows])                                  # (T, L, width)
+        return layer_pairs(stack.index_select(0, self._ids(ctx, batch)), rows[0].shape)
 
     def route(self, ctx: CallContext, batch: int) -> RoutePlan | None:
         return plan_once(ctx, self, batch, lambda b: self._ids(ctx, b))
