@@ -159,7 +159,7 @@ def inference(batch: int, length: int, counts: list[int], repeats: int, clock: s
 def kernels(shapes: list[tuple[int, int]], tasks: int, repeats: int, clock: str) -> list[dict[str, Any]]:
     from pelthub.modules.grouped import RoutePlan, lora_into
     d, out_d = MINILM["hidden_size"], MINILM["intermediate_size"]
-    a, b = torch.randn(tasks, d, RANK) / 20, torch.randn(tasks, RANK, out_d) / 20
+    a, b = torch.randn(tasks, RANK, d) / 20, torch.randn(tasks, out_d, RANK) / 20  # nn.Linear weight layout
     w = torch.randn(out_d, d) / 20
     rows = []
     for batch, length in shapes:
@@ -175,7 +175,7 @@ def kernels(shapes: list[tuple[int, int]], tasks: int, repeats: int, clock: str)
             for t, c in enumerate(counts):  # one matmul per group present
                 if c:
                     seg = xs[start:start + c].reshape(-1, d)
-                    res[order[start:start + c]] = (seg @ a[t] @ b[t]).view(c, length, out_d)
+                    res[order[start:start + c]] = (seg @ a[t].T @ b[t].T).view(c, length, out_d)
                     start += c
             return out + res
 

@@ -91,12 +91,12 @@ def _lora_hook(bank: Bank, layers: list[Any], dropout: nn.Module) -> Callable[..
     def rows(t: int | None) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         if t is not None:
             l = layers[t]
-            return None if l is None else (l.lora_a.T, l.lora_b.T, l.scale)
-        # stacked as (T, in, r), (T, r, out), contiguous: the gather's backward then adds whole rows
+            return None if l is None else (l.lora_a, l.lora_b, l.scale)
+        # stacked as (T, r, in), (T, out, r), contiguous: the gather's backward then adds whole rows
         a = torch.stack([_pad_rank(l.lora_a if l is not None else template.lora_a.new_zeros(rank, template.lora_a.shape[1]),
-                                   rank, 0).T for l in layers])
+                                   rank, 0) for l in layers])
         b = torch.stack([_pad_rank(l.lora_b if l is not None else template.lora_b.new_zeros(template.lora_b.shape[0], rank),
-                                   rank, 1).T for l in layers])
+                                   rank, 1) for l in layers])
         if uniform:
             return a, b, template.scale
         return a, b * b.new_tensor(scales)[:, None, None], 1.0

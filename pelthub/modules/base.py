@@ -153,6 +153,15 @@ def add_to_output(module: nn.Module, delta: Callable[[torch.Tensor], torch.Tenso
     return module.register_forward_hook(hook)
 
 
+def fuse_into_output(module: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     ctx: CallContext | None = None) -> Handle:
+    """Hook: module(x) becomes fn(module(x), x), for updates that fuse their add into the output
+    (`modules.grouped`); steps aside while selecting (see `add_to_output`)."""
+    def hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out if ctx is not None and ctx.selecting else fn(out, args[0])
+    return module.register_forward_hook(hook)
+
+
 def map_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], ctx: CallContext | None = None) -> Handle:
     """Hook: module(x) becomes fn(module(x)); steps aside while selecting (see `add_to_output`)."""
     def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:

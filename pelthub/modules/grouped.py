@@ -63,33 +63,37 @@ def _add_into(out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 
 def lora_single(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """out + scale·x·a·b for one (a (in, r), b (r, out)) shared by the whole batch."""
-    flat = x.reshape(-1, x.shape[-1]) @ a
+    """out + scale·x·aᵀ·bᵀ for one (a (r, in), b (out, r)) shared by the whole batch.
+
+    a and b are in nn.Linear's weight layout (rows = outputs): x·aᵀ then reads each row of a along
+    x's contiguous rows, about twice as fast at r ≪ in as a (in, r) matrix (measured on CPU).
+    """
+    flat = x.reshape(-1, x.shape[-1]) @ a.T
     if out.dtype != a.dtype:
-        return out + (flat @ b * scale).view(out.shape).to(out.dtype)
+        return out + (flat @ b.T * scale).view(out.shape).to(out.dtype)
     if _in_place(out):
-        out.view(-1, out.shape[-1]).addmm_(flat, b, alpha=scale)
+        out.view(-1, out.shape[-1]).addmm_(flat, b.T, alpha=scale)
         return out
-    return torch.addmm(out.reshape(-1, out.shape[-1]), flat, b, alpha=scale).view(out.shape)
+    return torch.addmm(out.reshape(-1, out.shape[-1]), flat, b.T, alpha=scale).view(out.shape)
 
 
 def lora_rows(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """out + scale·x_i·a_i·b_i per example i, for gathered a (b, in, r) and b (b, r, out)."""
-    h = _as_rows(x).bmm(a)
+    """out + scale·x_i·a_iᵀ·b_iᵀ per example i, for gathered a (b, r, in) and b (b, out, r)."""
+    h = _as_rows(x).bmm(a.transpose(1, 2))
     if out.dtype != a.dtype:
-        return out + (h.bmm(b) * scale).view(out.shape).to(out.dtype)
+        return out + (h.bmm(b.transpose(1, 2)) * scale).view(out.shape).to(out.dtype)
     if _in_place(out):
-        _as_rows(out).baddbmm_(h, b, alpha=scale)
+        _as_rows(out).baddbmm_(h, b.transpose(1, 2), alpha=scale)
         return out
-    return torch.baddbmm(_as_rows(out), h, b, alpha=scale).view(out.shape)
+    return torch.baddbmm(_as_rows(out), h, b.transpose(1, 2), alpha=scale).view(out.shape)
 
 
 def lora_into(out: torch.Tensor, x: torch.Tensor, route: RoutePlan,
               rows: Callable[[int | None], tuple[torch.Tensor, torch.Tensor, float] | None]) -> torch.Tensor:
-    """out + scale·x·A_t·B_t with t each example's task.
+    """out + scale·x·A_tᵀ·B_tᵀ with t each example's task.
 
-    rows(t) gives task t's (A (in, r), B (r, out), scale), or None where t adds nothing; rows(None) the
-    stacks (A (T, in, r), B (T, r, out), scale) of every task. The single path never builds the stacks.
+    rows(t) gives task t's (A (r, in), B (out, r), scale), or None where t adds nothing; rows(None) the
+    stacks (A (T, r, in), B (T, out, r), scale) of every task. The single path never builds the stacks.
     """
     if route.single is not None:
         found = rows(route.single)

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from ..sites import Sites, linear_dims
-from .base import CallContext, Handle, PeltModule, add_to_output, is_conv1d, site_key, site_name
+from .base import CallContext, Handle, PeltModule, fuse_into_output, is_conv1d, site_key, site_name
 from .config import ModuleConfig, positive_int, positive_number, probability, targets
+from .grouped import lora_single
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ class LoRALinear(nn.Module):
         x = self.dropout(x.to(self.lora_a.dtype))
         return (x @ self.lora_a.T @ self.lora_b.T) * self.scale
 
+    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out + forward(x), the add fused into the matmul (`grouped.lora_single`): no update-sized buffer."""
+        return lora_single(out, self.dropout(x.to(self.lora_a.dtype)), self.lora_a, self.lora_b, self.scale)
+
     def delta_weight(self) -> torch.Tensor:
         """ΔW in nn.Linear layout (out, in)."""
         return (self.lora_b @ self.lora_a) * self.scale
@@ -79,7 +84,7 @@ class LoRAModule(PeltModule):
         self.layers = nn.ModuleDict({site_key(n): layer for n, layer in layers.items()})
 
     def install(self, base: nn.Module, ctx: CallContext) -> list[Handle]:
-        return [add_to_output(base.get_submodule(site_name(k)), layer, ctx) for k, layer in self.layers.items()]
+        return [fuse_into_output(base.get_submodule(site_name(k)), layer.add_to, ctx) for k, layer in self.layers.items()]
 
     @torch.no_grad()
     def merge_into(self, base: nn.Module) -> None:

@@ -165,15 +165,15 @@ class PolyLinear(nn.Module):
         return a, bb
 
     def skill(self, k: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Skill k's Ā (in, r), B̄ (r, out) and scale; k=None: every skill's, (K, in, r) and (K, r, out)."""
-        h, skills = self.lora_a.shape[:2]
+        """Skill k's Āᵀ (r, in), B̄ᵀ (out, r) and scale, in the layout `modules.grouped` wants (a contiguous
+        copy of Āᵀ: in·r values, small next to the activations); k=None: every skill's, (K, r, in), (K, out, r)."""
+        skills = self.lora_a.shape[1]
         if k is not None:
-            a = self.lora_a[:, k].reshape(self.in_features, self.rank)
-            return a, self.lora_b[:, k].transpose(0, 1).reshape(self.rank, self.out_features), self.scale
-        if h == 1:
-            return self.lora_a[0], self.lora_b[0], self.scale
-        a = self.lora_a.transpose(0, 1).reshape(skills, self.in_features, self.rank)
-        return a, self.lora_b.permute(1, 2, 0, 3).reshape(skills, self.rank, self.out_features), self.scale
+            a = self.lora_a[:, k].reshape(self.in_features, self.rank).T.contiguous()
+            return a, self.lora_b[:, k].transpose(0, 1).reshape(self.rank, self.out_features).T, self.scale
+        a = self.lora_a.transpose(0, 1).reshape(skills, self.in_features, self.rank).transpose(1, 2).contiguous()
+        b = self.lora_b.permute(1, 2, 0, 3).reshape(skills, self.rank, self.out_features).transpose(1, 2)
+        return a, b, self.scale
 
     def collapsed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Ā (in, r), B̄ (r, out) of the uniform mixture: the means over skills, per head."""
