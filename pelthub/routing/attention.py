@@ -215,7 +215,8 @@ class AttentionMixConfig(ModuleConfig):
 
 class AttentionMixModule(PeltModule):
     """Built ATTEMPT module: frozen `sources` (S, L, d) and `source_keys` (S, d), trainable
-    `targets` (K, L, d) and `router` (down, SiLU, up, LayerNorm; its own lr group in `param_groups`)."""
+    `targets` (K, L, d) and `router` (down, SiLU, up, LayerNorm; its own lr group in `param_groups`).
+    `temperature` is T of the dot-product scores, None under the default cosine scores."""
 
     def __init__(self, config: AttentionMixConfig, sources: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor):
         super().__init__()
