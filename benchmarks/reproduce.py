@@ -23,7 +23,7 @@ head; lr 0.05 for prompts (and ATTEMPT's attention module), 5e-3 for LoRA / Poly
 adapter / UniPELT parameters, with the library's default groups (`param_groups`): Poly
 routing logits at 50× (0.25), a prefix's reparameterisation MLP at 0.1× (5e-4). Poly, MHR
 and LoRA share α = 16 (α/r = 4 at r = 4). ATTEMPT's rows also give the attention entropy on
-the test set relative to uniform (1 = uniform), with the calibrated temperature. Source prompts (length 10,
+the test set relative to uniform (1 = uniform), with the default (bounded cosine) scores. Source prompts (length 10,
 `--source-steps` on 256 examples each) are kept in a registry under `--out`, so a rerun
 with the same budget reuses them. The default budget is about 2,200 training steps: under
 20 minutes on a quiet 2-core machine. Writes the table to OUT/reproduce.md.

@@ -39,7 +39,12 @@ def explicit(module, embeds, mask, task_ids=None):
         z = module.router(x)
         tgt = module.targets[0 if task_ids is None else task_ids[b]]
         cands = [*module.sources, tgt]
-        a = torch.softmax(torch.stack([c.amax(0) @ z for c in cands]) / module.temperature, 0)
+        keys = torch.stack([c.amax(0) for c in cands])
+        if module.temperature is None:  # the default: 2 · cosine to the keys centred on their mean
+            keys = keys - keys.mean(0)
+            a = torch.softmax(torch.stack([2 * (k @ z) / (k.norm() * z.norm()) for k in keys]), 0)
+        else:
+            a = torch.softmax(torch.stack([k @ z for k in keys]) / module.temperature, 0)
         out.append(tgt + sum(a_j * c for a_j, c in zip(a, cands)))
         weights.append(a)
     return torch.stack(out), torch.stack(weights)
@@ -78,15 +83,14 @@ def test_weights_sum_to_one_differ_between_inputs_and_match_the_formula():
     assert a.shape == (3, 5) and m.candidates == ["s0", "s1", "s2", "s3", "<target>"]
     torch.testing.assert_close(a.sum(-1), torch.ones(3))
     assert not torch.allclose(a[0], a[1], atol=1e-6, rtol=0)
-    keys = torch.stack([c.detach().amax(0) for c in [*m.sources, m.targets[0]]])  # calibrated: RMS distance to the mean key
-    assert m.temperature == pytest.approx(math.sqrt(((keys - keys.mean(0)) ** 2).sum(1).mean()), rel=1e-5)
-    assert m.config.temperature == m.temperature  # written into the config, so a saved module keeps it
-    paper = ph.AttentionMix(sources(4), target=ph.Prompt(length=4), temperature=None)
-    assert mix(ph.compose(tiny.bert(), paper)).temperature == pytest.approx(D * math.e)
+    assert m.config.temperature == "cosine" and m.temperature is None
     embeds = model.base.get_input_embeddings()(inputs["input_ids"])
-    want_p, want_a = explicit(m, embeds, inputs["attention_mask"])
-    torch.testing.assert_close(m.prompt(embeds, inputs["attention_mask"], CallContext()), want_p)
-    torch.testing.assert_close(m.last_attention(), want_a.detach())
+    paper = mix(ph.compose(tiny.bert(), ph.AttentionMix(sources(4), target=ph.Prompt(length=4), temperature=None)))
+    assert paper.temperature == pytest.approx(D * math.e)
+    for module in (m, paper):
+        want_p, want_a = explicit(module, embeds, inputs["attention_mask"])
+        torch.testing.assert_close(module.prompt(embeds, inputs["attention_mask"], CallContext()), want_p)
+        torch.testing.assert_close(module.last_attention(), want_a.detach())
 
 
 @pytest.mark.parametrize("pool", ["max", "mean"])

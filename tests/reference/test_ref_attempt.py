@@ -2,6 +2,7 @@
 
     x̂ = max_t X (padding masked);  z = LN(W_up·SiLU(W_down·x̂));  p̂_j = max over P_j's tokens
     a = softmax_j(p̂_j·z / T) over C = {P_1..P_S, P_tgt};  P_inst = P_tgt + Σ_{j∈C} a_j P_j
+    default scores: a = softmax_j(2·cos(z, p̂_j − mean_k p̂_k))  (the module docstring says why)
 The reference runs the base on [P_inst; X] with L ones before the mask.
 """
 from __future__ import annotations
@@ -48,8 +49,9 @@ def pool(x: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
 
 
 def reference(module: AttentionMixModule, src: list[torch.Tensor], target: torch.Tensor, base, batch,
-              temperature: float, how: str = "max", mask_padding: bool = True):
-    """(logits, a) of the paper's formula; target (B, L, d) is each example's P_tgt."""
+              temperature: float | str, how: str = "max", mask_padding: bool = True):
+    """(logits, a) of the paper's formula (of the cosine default for "cosine"); target (B, L, d) is each
+    example's P_tgt."""
     state = module.state_dict()
     embeds = base.get_input_embeddings()(batch["input_ids"])
     mask = batch["attention_mask"]
@@ -60,7 +62,11 @@ def reference(module: AttentionMixModule, src: list[torch.Tensor], target: torch
     for b in range(z.shape[0]):
         candidates = [*src, target[b]]
         keys = torch.stack([pool(p[None], None, how)[0] for p in candidates])
-        a = torch.softmax(keys @ z[b] / temperature, 0)
+        if temperature == "cosine":
+            centred = keys - keys.mean(0)
+            a = torch.softmax(2 * F.cosine_similarity(centred, z[b][None], dim=1), 0)
+        else:
+            a = torch.softmax(keys @ z[b] / temperature, 0)
         rows.append(target[b] + sum(a_j * p for a_j, p in zip(a, candidates)))
         weights.append(a)
     p_inst = torch.stack(rows)
@@ -68,7 +74,7 @@ def reference(module: AttentionMixModule, src: list[torch.Tensor], target: torch
     return logits(base, inputs_embeds=torch.cat([p_inst, embeds], 1), attention_mask=widened), torch.stack(weights)
 
 
-@pytest.mark.parametrize("temperature", [None, 2.0])
+@pytest.mark.parametrize("temperature", ["cosine", None, 2.0])
 def test_attempt_equals_the_paper_formula(temperature):
     src = sources(3)
     model = ph.compose(tiny.bert(), ph.AttentionMix(src, target=ph.Prompt(length=3), temperature=temperature))
@@ -76,13 +82,30 @@ def test_attempt_equals_the_paper_formula(temperature):
     spread_router(module)
     batch = tiny.batch("bert")
     got = logits(model, **batch)
-    t = temperature or D * math.e
+    t = temperature or D * math.e                                    # "cosine" is the default
     expected, a = reference(module, list(src.values()), module.targets.detach().expand(3, -1, -1), tiny.bert(),
                             batch, t)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(module.last_attention(), a, atol=1e-6, rtol=1e-5)
-    if temperature:
+    if temperature == 2.0:
         assert a.max() > 0.5 and (a.max(1).values - a.min(1).values).min() > 0.1     # far from uniform: T matters
+
+
+def test_default_weights_stay_bounded_however_large_router_and_target_grow():
+    """Cosine scores lie in [-2, 2]: no weight passes e^4 / (e^4 + S) (S = 3 here), where T = 2 goes one-hot."""
+    src = sources(3)
+    weights = {}
+    for temperature in ("cosine", 2.0):
+        model = ph.compose(tiny.bert(), ph.AttentionMix(src, target=ph.Prompt(length=3), temperature=temperature))
+        module = mix_of(model)
+        spread_router(module)
+        with torch.no_grad():
+            module.router[3].weight.mul_(100)                        # LayerNorm gain and target key run away
+            module.targets.mul_(100)
+        logits(model, **tiny.batch("bert"))
+        weights[temperature] = module.last_attention()
+    assert weights["cosine"].max() <= math.exp(4) / (math.exp(4) + 3) + 1e-6
+    assert weights[2.0].max() > 0.999
 
 
 def test_no_sources_doubles_the_target_prompt():
