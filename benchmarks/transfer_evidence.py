@@ -62,8 +62,7 @@ FULL = Budget(sources=("sentiment_movies", "sentiment_products", "sentiment_rest
               metrics=("on", "activation_cosine", "cosine_avg", "cosine_tokens", "euclidean", "zero_shot"))
 QUICK = replace(FULL, sources=("sentiment_movies", "sentiment_products", "form_question", "pair_paraphrase"),
                 targets=("sentiment_hotels", "form_question_chat"), seeds=3, source_seeds=1, source_steps=50,
-                target_steps=12, shots=32, n_dev=96, metrics=("on", "activation_cosine", "cosine_avg",
-                                                              "cosine_tokens", "euclidean"))
+                target_steps=12, shots=32, n_dev=96)
 
 
 def main(argv: list[str] | None = None) -> int:

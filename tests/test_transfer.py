@@ -294,7 +294,7 @@ def test_cli_rank_json(tokenizer, tmp_path, capsys):
                               "--top", "2", "--steps", "2", "--layers=-1:", "--json"])
     assert cli.run(args) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["metric"] == "on" and len(out["ranking"]) == 2
+    assert out["metric"] == "zero_shot" and len(out["ranking"]) == 2
     assert {r["name"] for r in out["ranking"]} <= {"src0@1", "src1@1", "src2@1"}
 
 

@@ -1,6 +1,6 @@
 """`pelthub rank`: rank the registry's soft prompts for a new task's data.
 
-    pelthub rank --base MODEL --target data.jsonl [--metric on] [--top 5] [--json]
+    pelthub rank --base MODEL --target data.jsonl [--metric zero_shot] [--top 5] [--json]
 
 Wiring: `pelthub.cli` registers `Command(help, add_arguments, run)`; its common
 options supply `args.registry` (registry directory) and `args.json`. The base
@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="base model: a local path or a Hugging Face Hub id")
     p.add_argument("--target", required=True, metavar="DATA.jsonl",
                    help="labelled examples of the new task (fields text, label, optional text_pair)")
-    p.add_argument("--metric", default="on", choices=METRICS, help="transferability metric (default: on)")
+    p.add_argument("--metric", default="zero_shot", choices=METRICS,
+                   help="transferability metric (default: zero_shot, chosen by the transfer study)")
     p.add_argument("--top", type=int, default=None, metavar="K", help="show only the K best")
     p.add_argument("--source", action="append", default=[], metavar="REF",
                    help="rank only these registry refs (repeat); default: every prompt module for the base")
