@@ -146,17 +146,13 @@ def site_name(key: str) -> str:
 def add_to_output(module: nn.Module, delta: Callable[[torch.Tensor], torch.Tensor],
                   ctx: CallContext | None = None) -> Handle:
     """Hook: module(x) becomes module(x) + delta(x); a plain set's hook (ctx given) steps aside while selecting."""
-    def hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        if ctx is not None and ctx.selecting:
-            return out
-        return out + delta(args[0]).to(out.dtype)
-    return module.register_forward_hook(hook)
+    return fuse_into_output(module, lambda out, x: out + delta(x).to(out.dtype), ctx)
 
 
 def fuse_into_output(module: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                      ctx: CallContext | None = None) -> Handle:
     """Hook: module(x) becomes fn(module(x), x), for updates that fuse their add into the output
-    (`modules.grouped`); steps aside while selecting (see `add_to_output`)."""
+    (`modules.grouped`); a plain set's hook (ctx given) steps aside while selecting."""
     def hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         return out if ctx is not None and ctx.selecting else fn(out, args[0])
     return module.register_forward_hook(hook)
