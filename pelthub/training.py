@@ -140,6 +140,18 @@ def accuracy(model: nn.Module, data: Data, tokenizer: Any, batch_size: int = 64,
 
 
 @torch.no_grad()
+def probabilities(model: nn.Module, data: Data, tokenizer: Any, batch_size: int = 64,
+                  max_length: int = 64) -> torch.Tensor:
+    """(n, labels) softmax of `model`'s logits on `data`, in order (fp32, CPU; no training)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = [model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits.float().softmax(-1).cpu()
+           for batch in batches(data, tokenizer, batch_size, getattr(model, "task_names", ()), shuffle=False,
+                                max_length=max_length)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def mean_loss(model: nn.Module, data: Data, tokenizer: Any, batch_size: int = 64, max_length: int = 64) -> float:
     """Average cross-entropy of `model` on `data` (no training)."""
     model.eval()

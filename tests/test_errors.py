@@ -112,6 +112,19 @@ def test_loading_onto_another_architecture_fails_naming_both(tmp_path):
         ph.from_pretrained(tiny.gpt2(), tmp_path)
 
 
+def test_a_head_of_another_label_count_fails_the_load_and_leaves_nothing_attached(tmp_path):
+    ph.attach(tiny.bert(num_labels=4), ph.LoRA(r=2), ph.Prompt(length=3), head=True).save_pretrained(tmp_path)
+    base = tiny.bert()
+    for target in (base, ph.attach(base, ph.IA3(), name="kept")):
+        with pytest.raises(errors.IncompatibleModuleError, match="another label count"):
+            ph.from_pretrained(target, tmp_path)
+    assert list(target.adapters) == ["kept"]                       # the existing set stays, the new one is gone
+    target.detach()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in base.modules())
+    assert all(p.requires_grad for p in base.parameters())
+    assert list(ph.from_pretrained(base, tmp_path, heads=False).adapters) == ["default"]
+
+
 def test_same_architecture_under_another_name_only_warns(tmp_path):
     trained = tiny.bert()
     trained.config.name_or_path = "org/one"

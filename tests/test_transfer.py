@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
+import random
 import re
 from collections import Counter
 from functools import partial
@@ -16,10 +18,10 @@ from transformers import BertTokenizer
 
 import pelthub as ph
 from pelthub.errors import ConfigError, IncompatibleModuleError
-from pelthub.tasks import load_task
+from pelthub.tasks import Example, load_task
 from pelthub.training import fit
 from pelthub.transfer import (activation_cosine, cosine_avg, cosine_tokens, distill, euclidean, evaluate, init_from,
-                              on, prompt_activations, rank_sources, score_matrix, zero_shot)
+                              leep, on, prompt_activations, rank_sources, score_matrix, zero_shot)
 from pelthub.transfer import cli
 from pelthub.transfer.evaluate import run_seed, shuffled_labels
 from pelthub.transfer.plots import heatmap, similarity_graph
@@ -181,6 +183,106 @@ def test_euclidean_excludes_other_lengths_and_errors_are_clear(tokenizer):
         rank_sources(ph.attach(tiny.bert(), ph.Prompt(length=4)), task_data(), cands, tokenizer=tokenizer)
 
 
+def test_zero_shot_is_the_geometric_mean_label_probability_with_the_candidate_in_place(tokenizer):
+    """exp(−mean CE) by hand: a second model holding the candidate as its prompt and the target's head."""
+    data = task_data(n=24)
+    target = ph.attach(tiny.bert(), ph.Prompt(length=4), head=True)
+    fit(target, data, tokenizer, steps=5, batch_size=8, lr=0.05, progress=False)
+    candidate = torch.randn(4, D)
+    other = init_from(ph.attach(tiny.bert(), ph.Prompt(length=4), head=True), candidate)
+    other.heads["default"].load_state_dict(target.heads["default"].state_dict())
+    batch = tokenizer([e.text for e in data], padding=True, truncation=True, max_length=64, return_tensors="pt")
+    other.eval()
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(other(**batch).logits, torch.tensor([e.label for e in data]))
+    assert zero_shot(target, candidate, data, tokenizer, batch_size=7) == pytest.approx(math.exp(-ce.item()),
+                                                                                         rel=1e-5)
+    assert zero_shot(target, candidate, data, tokenizer) != pytest.approx(zero_shot(target, target, data, tokenizer))
+
+
+def test_zero_shot_ranks_a_prompt_for_the_targets_labels_above_one_for_the_opposite_labels(tokenizer):
+    """Constructed pair read through the target's head: prompts trained behind that (frozen) head to give the
+    target's label and the other one (the tiny random BERT learns no text task, but a prompt moves its output)."""
+    base = tiny.bert()
+    spare = copy.deepcopy(base)                                    # the candidates train on a copy of the base
+    texts = task_data(n=32)
+    zeros, ones = [Example(e.text, 0) for e in texts], [Example(e.text, 1) for e in texts]
+    target = ph.attach(base, ph.Prompt(length=4), name="target", head=True)
+    fit(target, zeros, tokenizer, steps=30, batch_size=8, lr=0.1, progress=False)
+    head = {k: v.detach().clone() for k, v in target.heads["target"].state_dict().items()}
+    candidates = {}
+    for name, examples in (("a-other-label", ones), ("b-same-label", zeros)):
+        torch.manual_seed(1)
+        model = ph.attach(spare, ph.Prompt(length=4), name=name, head=True)
+        model.heads[name].load_state_dict(head)
+        model.heads[name].requires_grad_(False)
+        fit(model, examples, tokenizer, steps=30, batch_size=8, lr=0.1, progress=False)
+        candidates[name] = model.adapters[name]["prompt"].embeddings.detach().clone()
+        model.detach()
+    ranking = rank_sources(base, zeros, candidates, "zero_shot", tokenizer=tokenizer, target=target)
+    assert ranking.names() == ["b-same-label", "a-other-label"], ranking.rows      # a tie would sort "a" first
+    assert ranking.rows[0][1] > 0.9 > 0.1 > ranking.rows[1][1], ranking.rows
+
+
+def bag_of_words(tokenizer, n: int = 32, seed: int = 0) -> list[Example]:
+    """Label 0: 8 words from one 40-word half of the tokenizer's vocabulary, label 1: from the other (learnable
+    by a LoRA on the tiny random BERT, unlike the built-in tasks)."""
+    words = list(tokenizer.vocab)[5:85]
+    rng = random.Random(seed)
+    return [Example(" ".join(rng.choice(words[40 * y:40 * (y + 1)]) for _ in range(8)), y) for y in [0, 1] * (n // 2)]
+
+
+def test_leep_is_nguyen_et_als_formula():
+    """LEEP by loops over the definitions (Nguyen et al. 2020, eqs. 1-2), its invariances and its floor."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(20, 3, generator=g).softmax(-1)
+    labels = torch.randint(0, 2, (20,), generator=g)
+    n = len(labels)
+    joint = [[sum(probs[i, z].item() for i in range(n) if labels[i] == y) / n for z in range(3)] for y in range(2)]
+    cond = [[joint[y][z] / (joint[0][z] + joint[1][z]) for z in range(3)] for y in range(2)]
+    expected = sum(math.log(sum(cond[labels[i]][z] * probs[i, z].item() for z in range(3))) for i in range(n)) / n
+    assert leep(probs, labels) == pytest.approx(expected, abs=1e-9)
+    assert leep(probs[:, [2, 0, 1]], labels) == pytest.approx(expected, abs=1e-9)   # source label ids: any order
+    prior = labels.bincount().double() / n                                           # uninformative source
+    assert leep(torch.full((n, 3), 1 / 3), labels) == pytest.approx(float((prior * prior.log()).sum()), abs=1e-6)
+    one_hot = torch.nn.functional.one_hot(1 - labels, 2).float()                     # perfect, labels swapped
+    assert leep(one_hot, labels) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ConfigError, match="leep needs"):
+        leep(probs, labels[:5])
+
+
+def test_leep_ranks_registry_sources_by_their_own_heads(tokenizer, tmp_path):
+    """A source trained on the target's task outranks one trained on shuffled labels; headless, prompt-less and
+    other-label-count entries and bare tensors are excluded with the reason, and nothing stays attached."""
+    data = bag_of_words(tokenizer)
+    reg = ph.Registry(tmp_path / "reg")
+
+    def add(name: str, examples, configs=(ph.Prompt(length=4), ph.LoRA(r=4)), head: bool = True,
+            labels: int = 2) -> str:
+        torch.manual_seed(0)
+        model = ph.attach(tiny.bert(num_labels=labels), *configs, head=head)
+        fit(model, examples, tokenizer, steps=30, batch_size=8, lr=0.02, progress=False)
+        return reg.add(model, name=name)
+
+    same = add("same-task", data)
+    shuffled = add("shuffled-labels", shuffled_labels(data, 0))
+    refs = [shuffled, same, add("no-head", data, head=False), add("lora", data, [ph.LoRA(r=2)]),
+            add("four-labels", task_data("topic_news"), labels=4)]
+    base = tiny.bert()
+    ranking = rank_sources(base, data, {**{r: r for r in refs}, "tensor": torch.randn(4, D)}, "leep",
+                           tokenizer=tokenizer, registry=reg)
+    assert ranking.names() == [same, shuffled], ranking.rows
+    assert all(s <= 0 for _, s in ranking.rows)
+    reasons = dict(ranking.excluded)
+    assert set(reasons) == {"no-head@1", "lora@1", "four-labels@1", "tensor"}
+    assert "no trained head" in reasons["no-head@1"] and "another label count" in reasons["four-labels@1"]
+    assert "zero_shot" in reasons["tensor"] and "soft prompt" in reasons["lora@1"]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in base.modules())
+    assert isinstance(ranking.best, ph.modules.prompt.PromptModule)
+    with pytest.raises(ConfigError, match="no target"):
+        rank_sources(base, data, refs, "leep", tokenizer=tokenizer, registry=reg, target=ph.Prompt(length=4))
+
+
 def test_zero_shot_restores_the_target_prompt(tokenizer):
     model = ph.attach(tiny.bert(), ph.Prompt(length=4), head=True)
     before = model.adapters["default"]["prompt"].embeddings
@@ -243,7 +345,9 @@ def test_evaluate_reports_every_metric_with_controls(tokenizer, tmp_path):
     assert np.isnan(study.zero_shot[2]).all()                           # 4 labels: no shared head, no zero-shot
     assert not np.isnan(study.shuffled).any() and not np.isnan(study.vocab).any()
     assert set(study.scores) == set(study.ranking()) == {"on", "activation_cosine", "cosine_avg", "cosine_tokens",
-                                                          "euclidean", "zero_shot"}
+                                                          "euclidean", "zero_shot", "leep"}
+    leep_scores = study.scores["leep"]                                  # NaN: the 4-label head, a task with itself
+    assert np.isnan(leep_scores[2]).all() and np.isnan(leep_scores[1, 1]).all() and (leep_scores[:2, 0] <= 0).all()
     assert study.ranking()["on"]["auc"] in (0.0, 0.5, 1.0)              # one same-family vs one other per target
     assert len(study.conditions()["SPoT, same-family source"]) == 4 and "AUC same vs other" in study.table()
     assert json.loads(json.dumps(study.to_dict()))["targets"] == targets

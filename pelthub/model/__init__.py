@@ -39,8 +39,14 @@ def from_pretrained(base: nn.Module, directory: str | os.PathLike, strict_base: 
     one the modules were trained on; warns if only the model name differs.
     `heads=False` leaves a saved task head out (e.g. for another label count).
     """
-    model = base if isinstance(base, ModularModel) else ModularModel(base)
-    return load_modules(model, directory, strict_base=strict_base, heads=heads)
+    if isinstance(base, ModularModel):
+        return load_modules(base, directory, strict_base=strict_base, heads=heads)
+    model = ModularModel(base)
+    try:
+        return load_modules(model, directory, strict_base=strict_base, heads=heads)
+    except BaseException:
+        model.detach()  # a file that fails a check leaves the base as it was
+        raise
 
 
 __all__ = ["ModularModel", "Sites", "TrainableParameters", "attach", "from_pretrained"]

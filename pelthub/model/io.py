@@ -216,14 +216,31 @@ def load_modules(model: "ModularModel", directory: str | os.PathLike, strict_bas
     state = load_file(str(weights))  # safe to allocate now: names, shapes and dtypes matched the configs
     for key, tensor in state.items():
         refuse_non_finite(weights, key, tensor)
-    model.task_names = list(data.get("tasks", [])) or model.task_names
-    model.composition = model.composition + _composition(data, directory)
-    for name, configs in data["modules"].items():
-        head = site_name(saved_heads[name][0]) if heads and saved_heads.get(name) else False
-        model.add(name, configs, init=False, head=head)
+    task_names, composition = model.task_names, model.composition
+    added: list[str] = []
+    try:
+        model.task_names = list(data.get("tasks", [])) or model.task_names
+        model.composition = model.composition + _composition(data, directory)
+        for name, configs in data["modules"].items():
+            head = site_name(saved_heads[name][0]) if heads and saved_heads.get(name) else False
+            model.add(name, configs, init=False, head=head)
+            added.append(name)
+        _copy_state(model, added, weights, state, heads)
+    except BaseException:
+        for name in reversed(added):  # a set that fails a check is not left half attached
+            model.remove(name)
+        model.task_names, model.composition = task_names, composition
+        raise
+    return model
+
+
+def _copy_state(model: "ModularModel", added: list[str], weights: Path, state: dict[str, torch.Tensor],
+                heads: bool) -> None:
+    """Copy the saved tensors into the just-added sets (not the model's other sets), checking names and shapes."""
     if not heads:
         state = {k: v for k, v in state.items() if not k.startswith("heads.")}
-    own = dict(model.module_parameters())
+    prefixes = tuple(f"{part}.{name}." for name in added for part in ("adapters", "heads"))
+    own = {k: p for k, p in model.module_parameters() if k.startswith(prefixes)}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise ModuleFormatError(f"{weights} does not match its {CONFIG_FILE}: missing {missing[:5]}, "
@@ -237,4 +254,3 @@ def load_modules(model: "ModularModel", directory: str | os.PathLike, strict_bas
         if param.shape != state[key].shape:
             raise ModuleFormatError(f"{weights}: {key} has shape {tuple(state[key].shape)}, expected {tuple(param.shape)}")
         param.data.copy_(state[key])
-    return model

@@ -16,7 +16,9 @@ For source tasks S and held-out target tasks T (built-in suite), over `seeds` se
      shuffled: the domain's inputs without its labels, a warm start without the task;
    and the sources' prompts + heads are also scored as they are (zero-shot, no tuning);
 3. every metric scores every source for t with the random-start prompt of seed r as the
-   target's task embedding (`rank_sources(target=...)`); scores are averaged over seeds.
+   target's task embedding (`rank_sources(target=...)`); leep, which reads each source's own
+   head and tunes no target, ranks the sources from a registry they were added to when
+   trained (the path `pelthub rank` takes); scores are averaged over seeds.
 
 Read out per target (not pooled over dependent pairs): the gain of each kind of start over
 random (mean ± 95 % CI over (target, seed) cells, the sources of a group averaged first),
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import math
 import random
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -41,6 +44,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ..model import ModularModel, attach
 from ..modules.prompt import Prompt
+from ..registry import Registry
 from ..tasks import Example, Task, load_task
 from ..training import accuracy, fit
 from .methods import init_from, prompt_tensor
@@ -210,6 +214,8 @@ def evaluate(base_factory: Callable[[int], nn.Module], tokenizer: Any, sources: 
                           f"{len(sources)} sources, {len(targets)} targets, {seeds} seeds, unknown metrics {unknown}")
     source_seeds = seeds if source_seeds is None else source_seeds
     start = time.perf_counter()
+    scratch = tempfile.TemporaryDirectory(prefix="pelthub-study-")  # removed at the end, or when collected
+    registry = Registry(scratch.name)                                # the trained sources, for leep
     bases: dict[int, nn.Module] = {}
     source_data = {s: load_task(s, n_train=n_train, n_dev=n_dev, n_test=0) for s in sources}
 
@@ -242,12 +248,15 @@ def evaluate(base_factory: Callable[[int], nn.Module], tokenizer: Any, sources: 
         return acc
 
     trained: dict[tuple[str, int], _Trained] = {}
+    refs: dict[tuple[str, int], str] = {}
     source_acc = np.full((len(sources), source_seeds), np.nan)
     for r in range(source_seeds):
         for i, s in enumerate(sources):
             task = source_data[s]
             model = tune(task.train, task.num_labels, run_seed("source", s, r), source_steps, f"source {s} #{r}")
             source_acc[i, r] = accuracy(model, task.dev, tokenizer, max_length=max_length)
+            if "leep" in metrics:
+                refs[(s, r)] = registry.add(model, name=f"{s}-{r}", task=s)
             trained[(s, r)] = keep(model, task.num_labels)
 
     T, S = len(targets), len(sources)
@@ -268,12 +277,18 @@ def evaluate(base_factory: Callable[[int], nn.Module], tokenizer: Any, sources: 
             model = tune(task.train, k, run_seed("random", name, r), target_steps, f"{name} #{r} random")
             baseline[t, r] = accuracy(model, task.dev, tokenizer, max_length=max_length)
             for metric in metrics:
-                ranking = rank_sources(model.base, task.train, {s: p.prompt for s, p in pool.items()}, metric,
-                                       tokenizer=tokenizer, target=model, layers=layers, max_length=max_length,
-                                       seed=r)
-                for s, score in ranking.rows:
-                    scores[metric][sources.index(s), t, r] = score
+                if metric != "leep":
+                    ranking = rank_sources(model.base, task.train, {s: p.prompt for s, p in pool.items()}, metric,
+                                           tokenizer=tokenizer, target=model, layers=layers, max_length=max_length,
+                                           seed=r)
+                    for s, score in ranking.rows:
+                        scores[metric][sources.index(s), t, r] = score
             model.detach()
+            if "leep" in metrics:      # sources whose head has another label count are excluded: NaN
+                ranking = rank_sources(bases[k], task.train, {s: refs[(s, sr)] for s in pool}, "leep",
+                                       tokenizer=tokenizer, registry=registry, max_length=max_length)
+                for s, score in ranking.rows:
+                    scores["leep"][sources.index(s), t, r] = score
             vocab[t, r] = dev_accuracy(tune(task.train, k, run_seed("vocab", name, r), target_steps,
                                             f"{name} #{r} vocab", Prompt(length=prompt.length, init="vocab")), task)
             for s, source in pool.items():
@@ -297,6 +312,7 @@ def evaluate(base_factory: Callable[[int], nn.Module], tokenizer: Any, sources: 
                                                    f"shuffled -> {name} #{r}", start_from=control), task)
             cells.update()
     cells.close()
+    scratch.cleanup()
     settings = {"seeds": seeds, "source_seeds": source_seeds, "source_steps": source_steps,
                 "target_steps": target_steps, "prompt_length": prompt.length, "batch_size": batch_size, "lr": lr,
                 "n_train": n_train, "shots": shots, "n_dev": n_dev}

@@ -20,9 +20,23 @@ layers (`layers`: indices or a slice, default all):
     on(a, b)                = |β_a ∧ β_b| / √(|β_a| · |β_b|),  β = flat(a[layers]) > 0   Su et al. 2022
     activation_cosine(a, b) = cos(flat(a[layers]), flat(b[layers]))                        PANDA
 
-ON is 0 when either prompt activates no neuron. Every metric here is
-symmetric and gives 1 for a prompt with itself, except the raw cosine_tokens. `zero_shot` (in `rank`) is
-the only directional one. `score_matrix` computes any of them for all pairs of
+ON is 0 when either prompt activates no neuron. For patterns that share nothing beyond
+chance (bits set independently with densities p_a, p_b) ON ≈ √(p_a·p_b): for one target it
+orders sources by their own activation density, whatever the target
+(`benchmarks/on_diagnostic.py` measures this on MiniLM).
+
+A source module's own predictions on the target data, LEEP (Nguyen et al. 2020), with
+θ(x_i) ∈ Δ^Z the source head's label distribution on target example i (label y_i of Y):
+
+    P̂(y, z) = (1/n) Σ_i θ(x_i)_z [y_i = y],   P̂(y | z) = P̂(y, z) / Σ_y' P̂(y', z)
+    leep     = (1/n) Σ_i log Σ_z P̂(y_i | z) θ(x_i)_z                 ≤ 0
+
+the log-likelihood of the best "source label → target label" map learnt from the data
+itself, so it needs neither aligned label ids nor equal label counts; a source whose
+predictions carry nothing about y scores the log of the label prior.
+
+Every prompt metric here is symmetric and gives 1 for a prompt with itself, except the
+raw cosine_tokens. `zero_shot` (in `rank`) and leep are directional. `score_matrix` computes any of them for all pairs of
 two lists at once.
 """
 from __future__ import annotations
@@ -138,3 +152,15 @@ def on(a: torch.Tensor, b: torch.Tensor, layers: Layers = None) -> float:
 def activation_cosine(a: torch.Tensor, b: torch.Tensor, layers: Layers = None) -> float:
     """Cosine of two prompts' (unbinarised) activations (N_layers, F) over a window of layers."""
     return float(_activation_cosine(a, b, layers)[0, 0])
+
+
+def leep(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """LEEP of a source's label distributions `probs` (n, Z) for target labels `labels` (n,); formula above."""
+    if probs.dim() != 2 or labels.shape != probs.shape[:1] or len(labels) == 0:
+        raise ConfigError(f"leep needs probabilities (n, Z) and n labels, got {tuple(probs.shape)} and "
+                          f"{tuple(labels.shape)}")
+    p = probs.double()
+    joint = torch.zeros(int(labels.max()) + 1, p.shape[1], dtype=p.dtype).index_add_(0, labels, p) / len(p)
+    given = joint / joint.sum(0, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)     # P̂(y | z)
+    expected = (p @ given.T).gather(1, labels[:, None]).squeeze(1)                       # Σ_z P̂(y_i|z) θ_z
+    return float(expected.log().mean())

@@ -6,7 +6,11 @@ given. Each candidate is scored against it with one metric (`metrics`), or by
 `zero_shot`: the target model's likelihood on the target data when the source
 prompt replaces its prompt as is,
 
-    zero_shot = exp(−mean CE) ∈ (0, 1]   (the geometric-mean probability of the right label).
+    zero_shot = exp(−mean CE) ∈ (0, 1]   (the geometric-mean probability of the right label),
+
+or by `leep`: each source module as it is (its prompt and its own trained head) on the
+target data, scored by LEEP (`metrics`); no target prompt is tuned, and candidates
+without a trained head are excluded with the reason.
 
 Activation metrics run every candidate (and the target) through the frozen
 base in stacked forwards, `chunk` prompts at a time.
@@ -28,12 +32,12 @@ from ..model.modular import ModularModel
 from ..modules.prompt import Prompt, PromptModule
 from ..registry import Ranking, require_registry
 from ..tasks import Example
-from ..training import fit, mean_loss
+from ..training import fit, mean_loss, probabilities
 from .activations import prompt_activations
 from .methods import prompt_module, prompt_tensor
-from .metrics import ACTIVATION_METRICS, Layers, score_matrix
+from .metrics import ACTIVATION_METRICS, Layers, leep, score_matrix
 
-METRICS = ("on", "activation_cosine", "cosine_avg", "cosine_tokens", "euclidean", "zero_shot")
+METRICS = ("on", "activation_cosine", "cosine_avg", "cosine_tokens", "euclidean", "zero_shot", "leep")
 TARGET_NAME = "rank-target"
 
 
@@ -172,6 +176,12 @@ def rank_sources(base: nn.Module, target_data: Sequence[Example], candidates: An
                           f"got {target_seeds!r}")
     if not owned and target.base is not base:
         check_compatible(base_model_info(target.base), base, "the target model")
+    if metric == "leep":
+        if target is not None:
+            raise ConfigError("leep reads each source's own head on the target data and tunes no target; "
+                              "pass no target=")
+        return _rank_by_leep(base, list(target_data)[:eval_examples], candidates, _tokenizer(base, tokenizer),
+                             registry, max_length, progress)
     if owned or metric == "zero_shot":
         tokenizer = _tokenizer(base, tokenizer)
     prompts, modules, excluded = resolve(base, candidates, registry, progress)
@@ -202,6 +212,41 @@ def rank_sources(base: nn.Module, target_data: Sequence[Example], candidates: An
     scores = torch.tensor(runs, dtype=torch.float64).mean(0).tolist()
     rows = sorted(zip(names, map(float, scores)), key=lambda r: (-r[1], r[0]))
     return Ranking(metric, rows, excluded, {n: modules[n] for n, _ in rows}, mine)
+
+
+def _rank_by_leep(base: nn.Module, data: list[Example], candidates: Any, tokenizer: Any, registry: Any,
+                  max_length: int, progress: bool) -> Ranking:
+    """LEEP of every candidate that carries a trained head: a registry entry (loaded on `base` with its
+    head, one at a time) or a ModularModel (run as it is, on its own base)."""
+    labels = torch.tensor([e.label for e in data])
+    scores: dict[str, float] = {}
+    modules: dict[str, Any] = {}
+    excluded: list[tuple[str, str]] = []
+    for name, value in tqdm(_named(candidates), desc="leep", disable=not progress, leave=False):
+        try:
+            if isinstance(value, str) or _is_card(value):
+                card = value if _is_card(value) else require_registry(registry, f"candidate {value!r}").get(value)
+                check_compatible(card.base_model, base, f"module {card.ref}")
+                model = require_registry(registry, f"candidate {card.ref!r}").load(card.ref, base, heads=True)
+            elif isinstance(value, ModularModel):
+                check_compatible(base_model_info(value.base), base, f"candidate {name!r}")
+                model = value
+            else:
+                raise ConfigError("leep reads the source's own trained head: pass a registry ref or a ModularModel "
+                                  "trained with head=True (metric='zero_shot' ranks bare prompts)")
+            try:
+                if not model.heads:
+                    raise ConfigError("holds no trained head (train the source with head=True)")
+                prompt = prompt_tensor(model)                        # exactly one prompt: a source for init_from
+                scores[name] = leep(probabilities(model, data, tokenizer, max_length=max_length), labels)
+                modules[name] = value if model is value else PromptModule(Prompt(length=len(prompt)), prompt.clone())
+            finally:
+                if model is not value:
+                    model.detach()
+        except (IncompatibleModuleError, ConfigError) as e:
+            excluded.append((name, str(e)))
+    rows = sorted(scores.items(), key=lambda r: (-r[1], r[0]))
+    return Ranking("leep", rows, excluded, {n: modules[n] for n, _ in rows})
 
 
 def _scores(metric: str, base: nn.Module, model: ModularModel, mine: torch.Tensor, candidates: list[torch.Tensor],
