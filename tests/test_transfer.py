@@ -176,7 +176,7 @@ def test_euclidean_excludes_other_lengths_and_errors_are_clear(tokenizer):
     with pytest.raises(ConfigError, match="unknown metric"):
         rank_sources(tiny.bert(), task_data(), cands, "nope", tokenizer=tokenizer)
     with pytest.raises(ConfigError, match="num_labels=4"):
-        rank_sources(tiny.bert(), task_data("topic_news"), cands, tokenizer=tokenizer)
+        rank_sources(tiny.bert(), task_data("topic_news"), cands, "zero_shot", tokenizer=tokenizer)
     with pytest.raises(IncompatibleModuleError, match="target model"):
         rank_sources(tiny.bert(), task_data(), cands, target=ph.attach(tiny.roberta(), ph.Prompt(length=4)))
     with pytest.raises(ConfigError, match="plain base"):
@@ -389,14 +389,18 @@ def test_cli_rank_json(tokenizer, tmp_path, capsys):
     reg = ph.Registry(tmp_path / "reg")
     for i in range(3):
         torch.manual_seed(i)
-        reg.add(ph.attach(tiny.bert(), ph.Prompt(length=4)), name=f"src{i}")
+        reg.add(ph.attach(tiny.bert(), ph.Prompt(length=4), head=i < 2), name=f"src{i}")   # src2: no head
     parser = argparse.ArgumentParser()
     parser.add_argument("--registry")
     parser.add_argument("--json", action="store_true")
     cli.add_arguments(parser)
-    args = parser.parse_args(["--base", str(model_dir), "--target", str(data), "--registry", str(tmp_path / "reg"),
-                              "--top", "2", "--steps", "2", "--layers=-1:", "--json"])
-    assert cli.run(args) == 0
+    argv = ["--base", str(model_dir), "--target", str(data), "--registry", str(tmp_path / "reg"), "--top", "2",
+            "--steps", "2", "--layers=-1:", "--json"]
+    assert cli.run(parser.parse_args(argv)) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["metric"] == "leep" and {r["name"] for r in out["ranking"]} == {"src0@1", "src1@1"}
+    assert "no trained head" in json.dumps(out["excluded"])
+    assert cli.run(parser.parse_args([*argv, "--metric", "zero_shot"])) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["metric"] == "zero_shot" and len(out["ranking"]) == 2
     assert {r["name"] for r in out["ranking"]} <= {"src0@1", "src1@1", "src2@1"}

@@ -21,9 +21,12 @@ layers (`layers`: indices or a slice, default all):
     activation_cosine(a, b) = cos(flat(a[layers]), flat(b[layers]))                        PANDA
 
 ON is 0 when either prompt activates no neuron. For patterns that share nothing beyond
-chance (bits set independently with densities p_a, p_b) ON ≈ √(p_a·p_b): for one target it
-orders sources by their own activation density, whatever the target
-(`benchmarks/on_diagnostic.py` measures this on MiniLM).
+chance (bits set independently with densities p_a, p_b) ON ≈ √(p_a·p_b), so it could
+favour dense sources; on MiniLM that is not why it fails (`benchmarks/on_diagnostic.py`:
+densities 0.14-0.18, ρ(ON, density) −0.53 and −0.10, the chance-corrected φ ranks as ON
+does): ON and activation_cosine put an *untrained* random or vocab prompt 2nd-3rd of 6
+for a briefly tuned target, above most trained sources — the activations under a prompt
+say more about prompts in general than about the task.
 
 A source module's own predictions on the target data, LEEP (Nguyen et al. 2020), with
 θ(x_i) ∈ Δ^Z the source head's label distribution on target example i (label y_i of Y):

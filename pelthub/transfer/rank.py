@@ -129,19 +129,22 @@ def _filler(tokenizer: Any) -> int | None:
     return None
 
 
-def rank_sources(base: nn.Module, target_data: Sequence[Example], candidates: Any, metric: str = "zero_shot", *,
+def rank_sources(base: nn.Module, target_data: Sequence[Example], candidates: Any, metric: str = "leep", *,
                  tokenizer: Any = None, target: ModularModel | Prompt | None = None, target_steps: int = 50,
                  batch_size: int = 16, lr: float = 0.03, layers: Layers = None, position: str = "filler",
                  registry: Any = None, eval_examples: int = 128, chunk: int = 64, seed: int = 0,
                  target_seeds: int = 1, max_length: int = 64, progress: bool = False) -> Ranking:
     """Score every candidate source prompt for the target task and sort them, best first.
 
-    metric: "zero_shot" by default, chosen by measurement on real MiniLM: in the transfer study
-    (`python -m benchmarks.transfer_evidence --quick`: 4 sources, 2 held-out targets, 3 seeds) its
-    within-target AUC of same- vs other-family sources was 1.00 and its top-1 pick same-family in 5 of
-    6 cells, against ON's 0.62 and 3 of 6 (the embedding metrics 0.25); on the demo's 40-step
-    sources ON ranked the related sources last (AUC 0.04) and zero_shot 0.67. It costs one forward
-    pass over `eval_examples` target examples per candidate, where ON costs one per candidate.
+    metric: "leep" by default, chosen by measurement on real MiniLM: in the full transfer study
+    (`python -m benchmarks.transfer_evidence`: 6 sources × 5 seeds, 3 held-out targets × 5
+    seeds) its within-target AUC of same- vs other-family sources was 1.00 and its top-1 pick
+    same-family in 15 of 15 (target, seed) cells; zero_shot 0.77 and 11 of 15, ON 0.56 and 6 of
+    15, the embedding metrics 0.44-0.56. leep needs each source's trained head (registry
+    entries and ModularModels trained with head=True; others land in `Ranking.excluded`, and
+    so does a registry head of another label count than `base`'s) and tunes no target, so it
+    costs one forward pass over `eval_examples` target examples per candidate. Bare prompt
+    tensors need metric="zero_shot" (the next best) or another prompt metric.
 
     base: the plain sequence-classification model (its head's label count fits
     `target_data`). candidates: a list or {name: candidate} mapping of (L, d)
@@ -155,9 +158,9 @@ def rank_sources(base: nn.Module, target_data: Sequence[Example], candidates: An
     layers: the ON / activation_cosine layer window; position: see
     `activations`; the filler token is the tokenizer's mask token (else its
     CLS, BOS or pad token; the config's pad token when no tokenizer is
-    needed or given). zero_shot uses the first `eval_examples` target
-    examples. `tokenizer` defaults to `AutoTokenizer` for the base's
-    `name_or_path` when tuning or zero_shot needs one. target_seeds: tune the
+    needed or given). zero_shot and leep use the first `eval_examples`
+    target examples. `tokenizer` defaults to `AutoTokenizer` for the base's
+    `name_or_path` when tuning, zero_shot or leep needs one. target_seeds: tune the
     target prompt with seeds seed, seed+1, … and average each candidate's
     score over them: one short tuning run is a noisy task embedding (on
     MiniLM the top-ranked source changed between seeds of one target).
