@@ -59,7 +59,8 @@ FULL = Budget(sources=("sentiment_movies", "sentiment_products", "sentiment_rest
                        "pair_paraphrase", "pair_same_topic"),
               targets=("sentiment_hotels", "form_question_chat", "sentiment_restaurants"),
               seeds=5, source_seeds=5, source_steps=100, target_steps=20, shots=64, n_dev=128,
-              metrics=("on", "activation_cosine", "cosine_avg", "cosine_tokens", "euclidean", "zero_shot", "leep"))
+              metrics=("on", "activation_cosine", "cosine_avg", "cosine_tokens", "euclidean", "zero_shot", "leep",
+                       "adjusted_leep"))
 QUICK = replace(FULL, sources=("sentiment_movies", "sentiment_products", "form_question", "pair_paraphrase"),
                 targets=("sentiment_hotels", "form_question_chat"), seeds=3, source_seeds=1, source_steps=50,
                 target_steps=12, shots=32, n_dev=96)

@@ -5,10 +5,10 @@
 
 Three source prompts are trained with their heads and kept in a registry. For the target
 task (a few hotel reviews) `rank_sources` runs every candidate as it is (its prompt and its
-own head) on the target examples and scores it by LEEP, how well its predictions, mapped to
-the target's labels, explain them (the default metric; topic_news, whose head has 4 labels,
-is listed as excluded on this 2-label base); the best candidate then initialises the target
-prompt (`init_from`) before training.
+own head) on the target examples and scores it by adjusted LEEP, how much better its
+predictions, mapped to the target's labels, explain them than they explain shuffled labels
+(the default metric; topic_news's head has 4 labels, which LEEP maps onto the target's 2);
+the best candidate then initialises the target prompt (`init_from`) before training.
 The registry lives in $PELTHUB_HOME when set, else in a temporary folder.
 """
 from __future__ import annotations

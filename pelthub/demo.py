@@ -3,10 +3,10 @@
 1. Train a soft prompt and a LoRA for each source task of the built-in suite and keep them in
    the registry (a second run reuses them).
 2. Rank the source prompts for a held-out target task before training on it, once per seed, by
-   LEEP (each source prompt with its own head, as it is, on the target's few examples; the
-   default of `rank_sources`, chosen by the transfer study), and score the ranking by its AUC:
-   how often a source of the target's family outranks a source of another family (0.5 is
-   chance). topic_news, whose head has 4 labels, is excluded on the 2-label target.
+   adjusted LEEP (each source prompt with its own head, as it is, on the target's few examples,
+   minus the same with the labels permuted: the default of `rank_sources`, chosen by the
+   transfer study), and score the ranking by its AUC: how often a source of the target's family
+   outranks a source of another family (0.5 is chance).
 3. Solve the target (few-shot, a fresh sample per seed) by prompt tuning from scratch, SPoT
    from the best-ranked source and, as the control that separates relatedness from warm
    starting, SPoT from the worst-ranked source; ATTEMPT over the top sources (with its
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> dict[str, list[tuple[float, int, float]]]:
         aucs.append(auc([v for n, v in scores.items() if n in families()[family]],
                         [v for n, v in scores.items() if n not in families()[family]]))
         print(f"\n2. seed {seed}: sources ranked for {target.name} ({len(target.train)} examples) "
-              f"by LEEP, "
+              f"by adjusted LEEP, "
               f"AUC of {family} sources {aucs[-1]:.2f}\n{ranking.table()}")
         print(f"\n3. seed {seed}: solving {target.name}")
         models = solve(demo, sources, target, ranking, loras)

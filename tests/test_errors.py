@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -123,6 +124,29 @@ def test_a_head_of_another_label_count_fails_the_load_and_leaves_nothing_attache
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in base.modules())
     assert all(p.requires_grad for p in base.parameters())
     assert list(ph.from_pretrained(base, tmp_path, heads=False).adapters) == ["default"]
+    with pytest.raises(errors.ConfigError, match="as_saved"):
+        ph.from_pretrained(tiny.bert(), tmp_path, heads="yes")
+
+
+def test_a_head_of_another_label_count_loads_as_saved_with_its_own_logits(tmp_path):
+    """Reference: the same module loaded onto a base with the saved label count."""
+    torch.manual_seed(0)
+    ph.attach(tiny.bert(num_labels=4), ph.LoRA(r=2), ph.Prompt(length=3), head=True).save_pretrained(tmp_path)
+    batch = tiny.batch("bert")
+    with torch.no_grad():
+        expected = ph.from_pretrained(tiny.bert(num_labels=4), tmp_path).eval()(**batch).logits
+        got = ph.from_pretrained(tiny.bert(), tmp_path, heads="as_saved").eval()(**batch).logits
+    assert got.shape == (3, 4)
+    torch.testing.assert_close(got, expected)
+    weights = tmp_path / "modules.safetensors"                     # a head whose input width differs: refused
+    state = load_file(weights)
+    key = next(k for k in state if k.startswith("heads.") and k.endswith("weight"))
+    state[key] = state[key][:, :16].contiguous()
+    save_file(state, weights)
+    base = tiny.bert()
+    with pytest.raises(errors.IncompatibleModuleError, match="another label count"):
+        ph.from_pretrained(base, tmp_path, heads="as_saved")
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in base.modules())
 
 
 def test_same_architecture_under_another_name_only_warns(tmp_path):

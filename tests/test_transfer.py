@@ -20,8 +20,9 @@ import pelthub as ph
 from pelthub.errors import ConfigError, IncompatibleModuleError
 from pelthub.tasks import Example, load_task
 from pelthub.training import fit
-from pelthub.transfer import (activation_cosine, cosine_avg, cosine_tokens, distill, euclidean, evaluate, init_from,
-                              leep, on, prompt_activations, rank_sources, score_matrix, zero_shot)
+from pelthub.transfer import (activation_cosine, adjusted_leep, cosine_avg, cosine_tokens, distill, euclidean,
+                              evaluate, init_from, leep, on, prompt_activations, rank_sources, score_matrix,
+                              zero_shot)
 from pelthub.transfer import cli
 from pelthub.transfer.evaluate import run_seed, shuffled_labels
 from pelthub.transfer.plots import heatmap, similarity_graph
@@ -251,9 +252,29 @@ def test_leep_is_nguyen_et_als_formula():
         leep(probs, labels[:5])
 
 
+def test_adjusted_leep_removes_the_bias_of_heads_with_more_labels():
+    """Unrelated heads: LEEP grows with the head's label count Z on 64 examples (the label map overfits),
+    adjusted LEEP stays at 0; a related head keeps a clear positive score; invariances and errors."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (64,), generator=g)
+    plain, adjusted = {}, {}
+    for z in (2, 4, 8):
+        runs = [torch.rand(64, z, generator=g).mul(6).softmax(-1) for _ in range(20)]
+        plain[z] = np.mean([leep(p, labels) for p in runs])
+        adjusted[z] = np.mean([adjusted_leep(p, labels) for p in runs])
+    assert plain[8] > plain[4] > plain[2] + 0.005, plain
+    assert all(abs(v) < 0.005 for v in adjusted.values()), adjusted
+    related = torch.nn.functional.one_hot(labels, 2).double() * 0.4 + 0.3            # 70 % on the right label
+    assert adjusted_leep(related, labels) > 0.05
+    assert adjusted_leep(related[:, [1, 0]], labels) == pytest.approx(adjusted_leep(related, labels), abs=1e-12)
+    assert adjusted_leep(related, labels, seed=1) == pytest.approx(adjusted_leep(related, labels), abs=0.01)
+    with pytest.raises(ConfigError, match="permutations"):
+        adjusted_leep(related, labels, permutations=0)
+
+
 def test_leep_ranks_registry_sources_by_their_own_heads(tokenizer, tmp_path):
-    """A source trained on the target's task outranks one trained on shuffled labels; headless, prompt-less and
-    other-label-count entries and bare tensors are excluded with the reason, and nothing stays attached."""
+    """A source trained on the target's task outranks one trained on shuffled labels and one of another label
+    count; headless and prompt-less entries and bare tensors are excluded with the reason; nothing stays attached."""
     data = bag_of_words(tokenizer)
     reg = ph.Registry(tmp_path / "reg")
 
@@ -271,11 +292,11 @@ def test_leep_ranks_registry_sources_by_their_own_heads(tokenizer, tmp_path):
     base = tiny.bert()
     ranking = rank_sources(base, data, {**{r: r for r in refs}, "tensor": torch.randn(4, D)}, "leep",
                            tokenizer=tokenizer, registry=reg)
-    assert ranking.names() == [same, shuffled], ranking.rows
+    assert ranking.names()[0] == same and set(ranking.names()) == {same, shuffled, "four-labels@1"}, ranking.rows
     assert all(s <= 0 for _, s in ranking.rows)
     reasons = dict(ranking.excluded)
-    assert set(reasons) == {"no-head@1", "lora@1", "four-labels@1", "tensor"}
-    assert "no trained head" in reasons["no-head@1"] and "another label count" in reasons["four-labels@1"]
+    assert set(reasons) == {"no-head@1", "lora@1", "tensor"}
+    assert "no trained head" in reasons["no-head@1"]
     assert "zero_shot" in reasons["tensor"] and "soft prompt" in reasons["lora@1"]
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in base.modules())
     assert isinstance(ranking.best, ph.modules.prompt.PromptModule)
@@ -345,9 +366,9 @@ def test_evaluate_reports_every_metric_with_controls(tokenizer, tmp_path):
     assert np.isnan(study.zero_shot[2]).all()                           # 4 labels: no shared head, no zero-shot
     assert not np.isnan(study.shuffled).any() and not np.isnan(study.vocab).any()
     assert set(study.scores) == set(study.ranking()) == {"on", "activation_cosine", "cosine_avg", "cosine_tokens",
-                                                          "euclidean", "zero_shot", "leep"}
-    leep_scores = study.scores["leep"]                                  # NaN: the 4-label head, a task with itself
-    assert np.isnan(leep_scores[2]).all() and np.isnan(leep_scores[1, 1]).all() and (leep_scores[:2, 0] <= 0).all()
+                                                          "euclidean", "zero_shot", "leep", "adjusted_leep"}
+    leep_scores = study.scores["leep"]                                  # the 4-label head too; NaN: a task with itself
+    assert np.isnan(leep_scores[1, 1]).all() and (leep_scores[[0, 2]] <= 0).all() and (leep_scores[:, 0] <= 0).all()
     assert study.ranking()["on"]["auc"] in (0.0, 0.5, 1.0)              # one same-family vs one other per target
     assert len(study.conditions()["SPoT, same-family source"]) == 4 and "AUC same vs other" in study.table()
     assert json.loads(json.dumps(study.to_dict()))["targets"] == targets
@@ -398,7 +419,7 @@ def test_cli_rank_json(tokenizer, tmp_path, capsys):
             "--steps", "2", "--layers=-1:", "--json"]
     assert cli.run(parser.parse_args(argv)) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["metric"] == "leep" and {r["name"] for r in out["ranking"]} == {"src0@1", "src1@1"}
+    assert out["metric"] == "adjusted_leep" and {r["name"] for r in out["ranking"]} == {"src0@1", "src1@1"}
     assert "no trained head" in json.dumps(out["excluded"])
     assert cli.run(parser.parse_args([*argv, "--metric", "zero_shot"])) == 0
     out = json.loads(capsys.readouterr().out)

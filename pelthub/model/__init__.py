@@ -32,12 +32,13 @@ def attach(model: nn.Module, *configs: Buildable, name: str = "default", head: b
 
 
 def from_pretrained(base: nn.Module, directory: str | os.PathLike, strict_base: bool = True,
-                    heads: bool = True) -> ModularModel:
+                    heads: bool | str = True) -> ModularModel:
     """Load modules saved with `save_pretrained` onto `base`.
 
     Raises IncompatibleModuleError if `base` has another architecture than the
     one the modules were trained on; warns if only the model name differs.
-    `heads=False` leaves a saved task head out (e.g. for another label count).
+    `heads=False` leaves a saved task head out (e.g. for another label count);
+    `heads="as_saved"` takes it at its own label count (see `io.load_modules`).
     """
     if isinstance(base, ModularModel):
         return load_modules(base, directory, strict_base=strict_base, heads=heads)

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import IncompatibleModuleError, ModuleFormatError
+from ..errors import ConfigError, IncompatibleModuleError, ModuleFormatError
 from ..modules.base import site_name
 from ..modules.config import config_from_dict
 from ..sites import Sites
@@ -203,8 +203,16 @@ def _composition(data: dict[str, Any], directory: str | os.PathLike) -> list[dic
 
 
 def load_modules(model: "ModularModel", directory: str | os.PathLike, strict_base: bool = True,
-                 heads: bool = True) -> "ModularModel":
-    """Add the module sets saved in `directory` to `model` (checked before anything is allocated)."""
+                 heads: bool | str = True) -> "ModularModel":
+    """Add the module sets saved in `directory` to `model` (checked before anything is allocated).
+
+    heads: True loads a saved task head (it must fit the base's head), False leaves it out,
+    "as_saved" takes a head trained for another label count at its own size (only the output
+    dimension may differ): the logits then have the saved head's label count, which is for
+    reading its predictions (LEEP), not for training with the base's loss.
+    """
+    if heads not in (True, False, "as_saved"):
+        raise ConfigError(f"heads must be True, False or 'as_saved', got {heads!r}")
     data = read_description(directory)
     if strict_base:
         check_compatible(data["base_model"], model.base, str(directory))
@@ -235,7 +243,7 @@ def load_modules(model: "ModularModel", directory: str | os.PathLike, strict_bas
 
 
 def _copy_state(model: "ModularModel", added: list[str], weights: Path, state: dict[str, torch.Tensor],
-                heads: bool) -> None:
+                heads: bool | str) -> None:
     """Copy the saved tensors into the just-added sets (not the model's other sets), checking names and shapes."""
     if not heads:
         state = {k: v for k, v in state.items() if not k.startswith("heads.")}
@@ -246,9 +254,13 @@ def _copy_state(model: "ModularModel", added: list[str], weights: Path, state: d
         raise ModuleFormatError(f"{weights} does not match its {CONFIG_FILE}: missing {missing[:5]}, "
                                 f"unexpected {unexpected[:5]}")
     for key, param in own.items():
-        if param.shape != state[key].shape and key.startswith("heads."):
+        saved = state[key]
+        if param.shape != saved.shape and key.startswith("heads."):
+            if heads == "as_saved" and saved.dim() == param.dim() and saved.shape[1:] == param.shape[1:]:
+                param.data = saved.to(param)         # another label count: only the output dimension differs
+                continue
             raise IncompatibleModuleError(
-                f"{weights}: the saved task head {key} has shape {tuple(state[key].shape)} but this base's head "
+                f"{weights}: the saved task head {key} has shape {tuple(saved.shape)} but this base's head "
                 f"has {tuple(param.shape)} (another label count?); load with heads=False to take the modules "
                 "without the head")
         if param.shape != state[key].shape:

@@ -212,12 +212,13 @@ class Registry:
         files = {n: f["sha256"] for n, f in card.files.items()}
         return self.blobs.checkout(card.digest, files, card.ref)  # keyed by content: gc keeps live digests
 
-    def load(self, ref: str, base: nn.Module, heads: bool = True) -> ModularModel:
+    def load(self, ref: str, base: nn.Module, heads: bool | str = True) -> ModularModel:
         """Attach the module to `base` (a model or a ModularModel).
 
         Raises IncompatibleModuleError naming both architectures if `base`'s
         fingerprint differs from the one the module was trained on; warns if
-        only the model name differs. `heads=False` leaves a saved task head out.
+        only the model name differs. `heads=False` leaves a saved task head out;
+        `heads="as_saved"` takes one of another label count at its own size.
         """
         card = self.get(ref)
         check_compatible(card.base_model, base.base if isinstance(base, ModularModel) else base, f"module {card.ref}")

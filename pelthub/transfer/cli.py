@@ -1,6 +1,6 @@
 """`pelthub rank`: rank the registry's soft prompts for a new task's data.
 
-    pelthub rank --base MODEL --target data.jsonl [--metric leep] [--top 5] [--json]
+    pelthub rank --base MODEL --target data.jsonl [--metric adjusted_leep] [--top 5] [--json]
 
 Wiring: `pelthub.cli` registers `Command(help, add_arguments, run)`; its common
 options supply `args.registry` (registry directory) and `args.json`. The base
@@ -36,14 +36,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="base model: a local path or a Hugging Face Hub id")
     p.add_argument("--target", required=True, metavar="DATA.jsonl",
                    help="labelled examples of the new task (fields text, label, optional text_pair)")
-    p.add_argument("--metric", default="leep", choices=METRICS,
-                   help="transferability metric (default: leep, chosen by the transfer study; it reads each "
+    p.add_argument("--metric", default="adjusted_leep", choices=METRICS,
+                   help="transferability metric (default: adjusted_leep, chosen by the transfer study; it reads each "
                         "source's own head, so entries saved without one need --metric zero_shot)")
     p.add_argument("--top", type=int, default=None, metavar="K", help="show only the K best")
     p.add_argument("--source", action="append", default=[], metavar="REF",
                    help="rank only these registry refs (repeat); default: every prompt module for the base")
     p.add_argument("--steps", type=int, default=50, help="prompt-tuning steps for the target's task prompt "
-                                                         "(every metric but leep)")
+                                                         "(not for the leeps)")
     p.add_argument("--lr", type=float, default=0.03, help="learning rate of the target's task prompt")
     p.add_argument("--layers", help="ON / activation_cosine layer window: START:STOP or a comma list")
     p.add_argument("--seed", type=int, default=0)

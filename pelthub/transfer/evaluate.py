@@ -16,8 +16,8 @@ For source tasks S and held-out target tasks T (built-in suite), over `seeds` se
      shuffled: the domain's inputs without its labels, a warm start without the task;
    and the sources' prompts + heads are also scored as they are (zero-shot, no tuning);
 3. every metric scores every source for t with the random-start prompt of seed r as the
-   target's task embedding (`rank_sources(target=...)`); leep, which reads each source's own
-   head and tunes no target, ranks the sources from a registry they were added to when
+   target's task embedding (`rank_sources(target=...)`); leep and adjusted_leep, which read each
+   source's own head and tune no target, rank the sources from a registry they were added to when
    trained (the path `pelthub rank` takes); scores are averaged over seeds.
 
 Read out per target (not pooled over dependent pairs): the gain of each kind of start over
@@ -49,7 +49,7 @@ from ..tasks import Example, Task, load_task
 from ..training import accuracy, fit
 from .methods import init_from, prompt_tensor
 from .metrics import Layers
-from .rank import METRICS, rank_sources
+from .rank import HEAD_METRICS, METRICS, rank_sources
 from .stats import auc, fmt_ci, mean_ci, spearman
 
 NAME = "study"
@@ -215,7 +215,7 @@ def evaluate(base_factory: Callable[[int], nn.Module], tokenizer: Any, sources: 
     source_seeds = seeds if source_seeds is None else source_seeds
     start = time.perf_counter()
     scratch = tempfile.TemporaryDirectory(prefix="pelthub-study-")  # removed at the end, or when collected
-    registry = Registry(scratch.name)                                # the trained sources, for leep
+    registry = Registry(scratch.name)                                # the trained sources, for the leeps
     bases: dict[int, nn.Module] = {}
     source_data = {s: load_task(s, n_train=n_train, n_dev=n_dev, n_test=0) for s in sources}
 
@@ -255,7 +255,7 @@ def evaluate(base_factory: Callable[[int], nn.Module], tokenizer: Any, sources: 
             task = source_data[s]
             model = tune(task.train, task.num_labels, run_seed("source", s, r), source_steps, f"source {s} #{r}")
             source_acc[i, r] = accuracy(model, task.dev, tokenizer, max_length=max_length)
-            if "leep" in metrics:
+            if any(m in HEAD_METRICS for m in metrics):
                 refs[(s, r)] = registry.add(model, name=f"{s}-{r}", task=s)
             trained[(s, r)] = keep(model, task.num_labels)
 
@@ -277,18 +277,18 @@ def evaluate(base_factory: Callable[[int], nn.Module], tokenizer: Any, sources: 
             model = tune(task.train, k, run_seed("random", name, r), target_steps, f"{name} #{r} random")
             baseline[t, r] = accuracy(model, task.dev, tokenizer, max_length=max_length)
             for metric in metrics:
-                if metric != "leep":
+                if metric not in HEAD_METRICS:
                     ranking = rank_sources(model.base, task.train, {s: p.prompt for s, p in pool.items()}, metric,
                                            tokenizer=tokenizer, target=model, layers=layers, max_length=max_length,
                                            seed=r)
                     for s, score in ranking.rows:
                         scores[metric][sources.index(s), t, r] = score
             model.detach()
-            if "leep" in metrics:      # sources whose head has another label count are excluded: NaN
-                ranking = rank_sources(bases[k], task.train, {s: refs[(s, sr)] for s in pool}, "leep",
+            for metric in [m for m in metrics if m in HEAD_METRICS]:   # every source, any head label count
+                ranking = rank_sources(bases[k], task.train, {s: refs[(s, sr)] for s in pool}, metric,
                                        tokenizer=tokenizer, registry=registry, max_length=max_length)
                 for s, score in ranking.rows:
-                    scores["leep"][sources.index(s), t, r] = score
+                    scores[metric][sources.index(s), t, r] = score
             vocab[t, r] = dev_accuracy(tune(task.train, k, run_seed("vocab", name, r), target_steps,
                                             f"{name} #{r} vocab", Prompt(length=prompt.length, init="vocab")), task)
             for s, source in pool.items():

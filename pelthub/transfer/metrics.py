@@ -35,11 +35,17 @@ A source module's own predictions on the target data, LEEP (Nguyen et al. 2020),
     leep     = (1/n) Σ_i log Σ_z P̂(y_i | z) θ(x_i)_z                 ≤ 0
 
 the log-likelihood of the best "source label → target label" map learnt from the data
-itself, so it needs neither aligned label ids nor equal label counts; a source whose
-predictions carry nothing about y scores the log of the label prior.
+itself, so it needs neither aligned label ids nor equal label counts. That map is fitted
+on the same n examples it scores, so it overfits by more the more labels Z the source
+has: on 64 examples, 3- and 4-label heads that know nothing of the target outscored
+related 2-label ones. adjusted_leep removes that bias as adjusted mutual information
+does for MI, by subtracting the expectation under no relation, estimated with the
+target labels permuted (π_1..π_P, fixed seed):
+
+    adjusted_leep = leep(θ, y) − (1/P) Σ_p leep(θ, y∘π_p)          ≈ 0 for an unrelated source
 
 Every prompt metric here is symmetric and gives 1 for a prompt with itself, except the
-raw cosine_tokens. `zero_shot` (in `rank`) and leep are directional. `score_matrix` computes any of them for all pairs of
+raw cosine_tokens. `zero_shot` (in `rank`) and the leeps are directional. `score_matrix` computes any of them for all pairs of
 two lists at once.
 """
 from __future__ import annotations
@@ -157,13 +163,32 @@ def activation_cosine(a: torch.Tensor, b: torch.Tensor, layers: Layers = None) -
     return float(_activation_cosine(a, b, layers)[0, 0])
 
 
+def _leeps(p: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """LEEP (formula above) of probabilities p (n, Z) for each row of labels (P, n): (P,)."""
+    one_hot = F.one_hot(labels, int(labels.max()) + 1).to(p.dtype)                  # (P, n, Y)
+    joint = torch.einsum("pny,nz->pyz", one_hot, p) / p.shape[0]                    # P̂(y, z)
+    given = joint / joint.sum(1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)  # P̂(y | z)
+    expected = torch.einsum("nz,pyz->pny", p, given).gather(2, labels[..., None]).squeeze(2)
+    return expected.log().mean(1)
+
+
+def _checked(probs: torch.Tensor, labels: torch.Tensor, what: str) -> torch.Tensor:
+    if probs.dim() != 2 or labels.shape != probs.shape[:1] or len(labels) == 0:
+        raise ConfigError(f"{what} needs probabilities (n, Z) and n labels, got {tuple(probs.shape)} and "
+                          f"{tuple(labels.shape)}")
+    return probs.double()
+
+
 def leep(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """LEEP of a source's label distributions `probs` (n, Z) for target labels `labels` (n,); formula above."""
-    if probs.dim() != 2 or labels.shape != probs.shape[:1] or len(labels) == 0:
-        raise ConfigError(f"leep needs probabilities (n, Z) and n labels, got {tuple(probs.shape)} and "
-                          f"{tuple(labels.shape)}")
-    p = probs.double()
-    joint = torch.zeros(int(labels.max()) + 1, p.shape[1], dtype=p.dtype).index_add_(0, labels, p) / len(p)
-    given = joint / joint.sum(0, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)     # P̂(y | z)
-    expected = (p @ given.T).gather(1, labels[:, None]).squeeze(1)                       # Σ_z P̂(y_i|z) θ_z
-    return float(expected.log().mean())
+    return float(_leeps(_checked(probs, labels, "leep"), labels[None])[0])
+
+
+def adjusted_leep(probs: torch.Tensor, labels: torch.Tensor, permutations: int = 64, seed: int = 0) -> float:
+    """LEEP minus its mean over `permutations` shuffles of the labels (formula above); 0 ≈ no relation."""
+    p = _checked(probs, labels, "adjusted_leep")
+    if not isinstance(permutations, int) or permutations < 1:
+        raise ConfigError(f"permutations must be a positive int, got {permutations!r}")
+    g = torch.Generator().manual_seed(seed)
+    shuffled = labels[torch.argsort(torch.rand(permutations, len(labels), generator=g), dim=1)]
+    return float(_leeps(p, labels[None])[0] - _leeps(p, shuffled).mean())

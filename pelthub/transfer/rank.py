@@ -8,9 +8,10 @@ prompt replaces its prompt as is,
 
     zero_shot = exp(−mean CE) ∈ (0, 1]   (the geometric-mean probability of the right label),
 
-or by `leep`: each source module as it is (its prompt and its own trained head) on the
-target data, scored by LEEP (`metrics`); no target prompt is tuned, and candidates
-without a trained head are excluded with the reason.
+or by `leep` / `adjusted_leep` (the default): each source module as it is (its prompt and
+its own trained head) on the target data, scored by LEEP or by LEEP minus its value with
+the target labels permuted (`metrics`); no target prompt is tuned, and candidates without
+a trained head are excluded with the reason.
 
 Activation metrics run every candidate (and the target) through the frozen
 base in stacked forwards, `chunk` prompts at a time.
@@ -35,9 +36,11 @@ from ..tasks import Example
 from ..training import fit, mean_loss, probabilities
 from .activations import prompt_activations
 from .methods import prompt_module, prompt_tensor
-from .metrics import ACTIVATION_METRICS, Layers, leep, score_matrix
+from .metrics import ACTIVATION_METRICS, Layers, adjusted_leep, leep, score_matrix
 
-METRICS = ("on", "activation_cosine", "cosine_avg", "cosine_tokens", "euclidean", "zero_shot", "leep")
+METRICS = ("on", "activation_cosine", "cosine_avg", "cosine_tokens", "euclidean", "zero_shot", "leep",
+           "adjusted_leep")
+HEAD_METRICS = {"leep": leep, "adjusted_leep": adjusted_leep}  # read each source's own head; tune no target
 TARGET_NAME = "rank-target"
 
 
@@ -129,22 +132,25 @@ def _filler(tokenizer: Any) -> int | None:
     return None
 
 
-def rank_sources(base: nn.Module, target_data: Sequence[Example], candidates: Any, metric: str = "leep", *,
+def rank_sources(base: nn.Module, target_data: Sequence[Example], candidates: Any, metric: str = "adjusted_leep", *,
                  tokenizer: Any = None, target: ModularModel | Prompt | None = None, target_steps: int = 50,
                  batch_size: int = 16, lr: float = 0.03, layers: Layers = None, position: str = "filler",
                  registry: Any = None, eval_examples: int = 128, chunk: int = 64, seed: int = 0,
                  target_seeds: int = 1, max_length: int = 64, progress: bool = False) -> Ranking:
     """Score every candidate source prompt for the target task and sort them, best first.
 
-    metric: "leep" by default, chosen by measurement on real MiniLM: in the full transfer study
-    (`python -m benchmarks.transfer_evidence`: 6 sources × 5 seeds, 3 held-out targets × 5
-    seeds) its within-target AUC of same- vs other-family sources was 1.00 and its top-1 pick
-    same-family in 15 of 15 (target, seed) cells; zero_shot 0.77 and 11 of 15, ON 0.56 and 6 of
-    15, the embedding metrics 0.44-0.56. leep needs each source's trained head (registry
-    entries and ModularModels trained with head=True; others land in `Ranking.excluded`, and
-    so does a registry head of another label count than `base`'s) and tunes no target, so it
-    costs one forward pass over `eval_examples` target examples per candidate. Bare prompt
-    tensors need metric="zero_shot" (the next best) or another prompt metric.
+    metric: "adjusted_leep" by default, chosen by measurement on real MiniLM. In the full transfer
+    study (`python -m benchmarks.transfer_evidence`: 6 sources × 5 seeds, 3 held-out targets ×
+    5 seeds, every head 2-label) leep and adjusted_leep both reached a within-target AUC of
+    same- vs other-family sources of 1.00 and a same-family top-1 pick in 15 of 15 (target,
+    seed) cells; zero_shot 0.77 and 11 of 15, ON 0.56 and 6 of 15, the embedding metrics
+    0.44-0.56. In the demo, where sources have 2-, 3- and 4-label heads, plain leep let the
+    3-label pair_entailment head come first in 1 of 3 seeds (AUC 0.79 ± 0.36); adjusted_leep
+    put sentiment_movies first in 3 of 3 (0.92 ± 0.18). Both need each source's trained head,
+    of any label count (registry entries and ModularModels trained with head=True; others land
+    in `Ranking.excluded`), and tune no target: one forward pass over `eval_examples` target
+    examples per candidate. Bare prompt tensors need metric="zero_shot" (the next best) or
+    another prompt metric.
 
     base: the plain sequence-classification model (its head's label count fits
     `target_data`). candidates: a list or {name: candidate} mapping of (L, d)
@@ -179,12 +185,12 @@ def rank_sources(base: nn.Module, target_data: Sequence[Example], candidates: An
                           f"got {target_seeds!r}")
     if not owned and target.base is not base:
         check_compatible(base_model_info(target.base), base, "the target model")
-    if metric == "leep":
+    if metric in HEAD_METRICS:
         if target is not None:
-            raise ConfigError("leep reads each source's own head on the target data and tunes no target; "
+            raise ConfigError(f"{metric} reads each source's own head on the target data and tunes no target; "
                               "pass no target=")
-        return _rank_by_leep(base, list(target_data)[:eval_examples], candidates, _tokenizer(base, tokenizer),
-                             registry, max_length, progress)
+        return _rank_by_head(metric, base, list(target_data)[:eval_examples], candidates,
+                             _tokenizer(base, tokenizer), registry, max_length, progress)
     if owned or metric == "zero_shot":
         tokenizer = _tokenizer(base, tokenizer)
     prompts, modules, excluded = resolve(base, candidates, registry, progress)
@@ -217,31 +223,33 @@ def rank_sources(base: nn.Module, target_data: Sequence[Example], candidates: An
     return Ranking(metric, rows, excluded, {n: modules[n] for n, _ in rows}, mine)
 
 
-def _rank_by_leep(base: nn.Module, data: list[Example], candidates: Any, tokenizer: Any, registry: Any,
-                  max_length: int, progress: bool) -> Ranking:
-    """LEEP of every candidate that carries a trained head: a registry entry (loaded on `base` with its
-    head, one at a time) or a ModularModel (run as it is, on its own base)."""
+def _rank_by_head(metric: str, base: nn.Module, data: list[Example], candidates: Any, tokenizer: Any,
+                  registry: Any, max_length: int, progress: bool) -> Ranking:
+    """A HEAD_METRICS score of every candidate that carries a trained head: a registry entry (loaded on
+    `base` with its head at its own label count, one at a time) or a ModularModel (run as it is)."""
     labels = torch.tensor([e.label for e in data])
     scores: dict[str, float] = {}
     modules: dict[str, Any] = {}
     excluded: list[tuple[str, str]] = []
-    for name, value in tqdm(_named(candidates), desc="leep", disable=not progress, leave=False):
+    for name, value in tqdm(_named(candidates), desc=metric, disable=not progress, leave=False):
         try:
             if isinstance(value, str) or _is_card(value):
                 card = value if _is_card(value) else require_registry(registry, f"candidate {value!r}").get(value)
                 check_compatible(card.base_model, base, f"module {card.ref}")
-                model = require_registry(registry, f"candidate {card.ref!r}").load(card.ref, base, heads=True)
+                model = require_registry(registry, f"candidate {card.ref!r}").load(card.ref, base,
+                                                                                   heads="as_saved")
             elif isinstance(value, ModularModel):
                 check_compatible(base_model_info(value.base), base, f"candidate {name!r}")
                 model = value
             else:
-                raise ConfigError("leep reads the source's own trained head: pass a registry ref or a ModularModel "
-                                  "trained with head=True (metric='zero_shot' ranks bare prompts)")
+                raise ConfigError(f"{metric} reads the source's own trained head: pass a registry ref or a "
+                                  "ModularModel trained with head=True (metric='zero_shot' ranks bare prompts)")
             try:
                 if not model.heads:
                     raise ConfigError("holds no trained head (train the source with head=True)")
                 prompt = prompt_tensor(model)                        # exactly one prompt: a source for init_from
-                scores[name] = leep(probabilities(model, data, tokenizer, max_length=max_length), labels)
+                scores[name] = HEAD_METRICS[metric](probabilities(model, data, tokenizer, max_length=max_length),
+                                                    labels)
                 modules[name] = value if model is value else PromptModule(Prompt(length=len(prompt)), prompt.clone())
             finally:
                 if model is not value:
@@ -249,7 +257,7 @@ def _rank_by_leep(base: nn.Module, data: list[Example], candidates: Any, tokeniz
         except (IncompatibleModuleError, ConfigError) as e:
             excluded.append((name, str(e)))
     rows = sorted(scores.items(), key=lambda r: (-r[1], r[0]))
-    return Ranking("leep", rows, excluded, {n: modules[n] for n, _ in rows})
+    return Ranking(metric, rows, excluded, {n: modules[n] for n, _ in rows})
 
 
 def _scores(metric: str, base: nn.Module, model: ModularModel, mine: torch.Tensor, candidates: list[torch.Tensor],
