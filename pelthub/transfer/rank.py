@@ -234,10 +234,10 @@ def _rank_by_head(metric: str, base: nn.Module, data: list[Example], candidates:
     for name, value in tqdm(_named(candidates), desc=metric, disable=not progress, leave=False):
         try:
             if isinstance(value, str) or _is_card(value):
-                card = value if _is_card(value) else require_registry(registry, f"candidate {value!r}").get(value)
+                reg = require_registry(registry, f"candidate {getattr(value, 'ref', value)!r}")
+                card = value if _is_card(value) else reg.get(value)
                 check_compatible(card.base_model, base, f"module {card.ref}")
-                model = require_registry(registry, f"candidate {card.ref!r}").load(card.ref, base,
-                                                                                   heads="as_saved")
+                model = reg.load(card.ref, base, heads="as_saved")
             elif isinstance(value, ModularModel):
                 check_compatible(base_model_info(value.base), base, f"candidate {name!r}")
                 model = value
