@@ -116,15 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for metric, m in scores.items():
             aucs, control_ranks = [], []
-            for j, (name, _r) in enumerate(targets):
-                family = targets[(name, _r)][1]
+            for j, (_, family) in enumerate(targets.values()):
                 same = [i for i in range(len(SOURCES)) if families[i] == family]
                 other = [i for i in range(len(SOURCES)) if families[i] != family]
                 row = m[j].numpy()
                 aucs.append(auc(row[same], row[other]))
                 order = list(np.argsort(-row))
                 control_ranks.append(np.mean([order.index(len(SOURCES) + c) + 1 for c in range(len(CONTROLS))]))
-            mean, half, n = mean_ci(aucs)
+            mean, half, _ = mean_ci(aucs)
             rows.append(f"| {metric} | {mean:.2f} ± {half:.2f} | {np.mean(control_ranks):.1f} of {len(names)} |")
         rho = [spearman(scores["on"][j].numpy()[: len(SOURCES)], dens[: len(SOURCES)].numpy())
                for j in range(len(targets))]

@@ -263,6 +263,6 @@ def _copy_state(model: "ModularModel", added: list[str], weights: Path, state: d
                 f"{weights}: the saved task head {key} has shape {tuple(saved.shape)} but this base's head "
                 f"has {tuple(param.shape)} (another label count?); load with heads=False to take the modules "
                 "without the head")
-        if param.shape != state[key].shape:
-            raise ModuleFormatError(f"{weights}: {key} has shape {tuple(state[key].shape)}, expected {tuple(param.shape)}")
-        param.data.copy_(state[key])
+        if param.shape != saved.shape:
+            raise ModuleFormatError(f"{weights}: {key} has shape {tuple(saved.shape)}, expected {tuple(param.shape)}")
+        param.data.copy_(saved)

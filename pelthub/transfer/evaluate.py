@@ -276,14 +276,13 @@ def evaluate(base_factory: Callable[[int], nn.Module], tokenizer: Any, sources: 
             pool = {sources[i]: trained[(sources[i], sr)] for i in range(S) if sources[i] != name}
             model = tune(task.train, k, run_seed("random", name, r), target_steps, f"{name} #{r} random")
             baseline[t, r] = accuracy(model, task.dev, tokenizer, max_length=max_length)
-            for metric in metrics:
-                if metric not in HEAD_METRICS:
-                    ranking = rank_sources(model.base, task.train, {s: p.prompt for s, p in pool.items()}, metric,
-                                           tokenizer=tokenizer, target=model, layers=layers, max_length=max_length,
-                                           seed=r)
-                    for s, score in ranking.rows:
-                        scores[metric][sources.index(s), t, r] = score
-            model.detach()
+            for metric in [m for m in metrics if m not in HEAD_METRICS]:   # against the tuned target prompt
+                ranking = rank_sources(model.base, task.train, {s: p.prompt for s, p in pool.items()}, metric,
+                                       tokenizer=tokenizer, target=model, layers=layers, max_length=max_length,
+                                       seed=r)
+                for s, score in ranking.rows:
+                    scores[metric][sources.index(s), t, r] = score
+            model.detach()                                                  # the head metrics load onto its base
             for metric in [m for m in metrics if m in HEAD_METRICS]:   # every source, any head label count
                 ranking = rank_sources(bases[k], task.train, {s: refs[(s, sr)] for s in pool}, metric,
                                        tokenizer=tokenizer, registry=registry, max_length=max_length)

@@ -45,8 +45,8 @@ target labels permuted (π_1..π_P, fixed seed):
     adjusted_leep = leep(θ, y) − (1/P) Σ_p leep(θ, y∘π_p)          ≈ 0 for an unrelated source
 
 Every prompt metric here is symmetric and gives 1 for a prompt with itself, except the
-raw cosine_tokens. `zero_shot` (in `rank`) and the leeps are directional. `score_matrix` computes any of them for all pairs of
-two lists at once.
+raw cosine_tokens; `zero_shot` (in `rank`) and the leeps are directional. `score_matrix`
+computes any prompt or activation metric for all pairs of two lists at once.
 """
 from __future__ import annotations
 

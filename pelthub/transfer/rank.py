@@ -60,14 +60,19 @@ def _named(candidates: Any) -> list[tuple[str, Any]]:
     return items
 
 
-def _from_registry(base: nn.Module, value: Any, registry: Any) -> PromptModule:
-    """Load a registry ref or card onto `base`, keep its prompt, and detach again."""
+def _load_entry(base: nn.Module, value: Any, registry: Any, heads: bool | str) -> ModularModel:
+    """A registry ref or card that holds a soft prompt, attached to `base` (the caller detaches it)."""
     registry = require_registry(registry, f"candidate {getattr(value, 'ref', value)!r}")
     card = value if _is_card(value) else registry.get(value)
     check_compatible(card.base_model, base, f"module {card.ref}")
     if "prompt" not in card.kinds:
         raise ConfigError(f"holds no soft prompt (kinds: {', '.join(card.kinds)})")
-    model = registry.load(card.ref, base, heads=False)
+    return registry.load(card.ref, base, heads=heads)
+
+
+def _from_registry(base: nn.Module, value: Any, registry: Any) -> PromptModule:
+    """Load a registry ref or card onto `base`, keep its prompt, and detach again."""
+    model = _load_entry(base, value, registry, heads=False)
     try:
         found = prompt_module(model)
     finally:
@@ -234,10 +239,7 @@ def _rank_by_head(metric: str, base: nn.Module, data: list[Example], candidates:
     for name, value in tqdm(_named(candidates), desc=metric, disable=not progress, leave=False):
         try:
             if isinstance(value, str) or _is_card(value):
-                reg = require_registry(registry, f"candidate {getattr(value, 'ref', value)!r}")
-                card = value if _is_card(value) else reg.get(value)
-                check_compatible(card.base_model, base, f"module {card.ref}")
-                model = reg.load(card.ref, base, heads="as_saved")
+                model = _load_entry(base, value, registry, heads="as_saved")
             elif isinstance(value, ModularModel):
                 check_compatible(base_model_info(value.base), base, f"candidate {name!r}")
                 model = value
