@@ -22,12 +22,13 @@ from torch import nn
 from ..errors import ConfigError, DuplicateNameError, ModuleFormatError, RoutingError
 from ..modules.base import CallContext, CallState, Handle, PeltModule, site_key, site_name
 from ..modules.config import Buildable
+from ..modules.grouped import as_ids
 from ..sites import Sites
 from .compat import cache_keyword, disable_checkpointing, enable_checkpointing, is_checkpointing
 from .generation import generate
 from .inputs import add_prefix, input_embeddings, prefix_cache, prepend_prompt
 from .io import save_modules
-from .select import release as release_selection, selected_ids, set_adapter
+from .select import Selection, release as release_selection, selected_ids, set_adapter
 
 # Bases that carry a ModularModel's hooks right now (weakly held: a dropped model frees its base).
 _WRAPPED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -71,6 +72,7 @@ class ModularModel(nn.Module):
         self.adapters = nn.ModuleDict()
         self.heads = nn.ModuleDict()
         self.ctx = CallContext()
+        self.selection = Selection()  # the `adapter_names` bank, built on first use under its lock
         self.task_names: list[str] = []
         self.parents: list[dict[str, Any]] = []  # registry modules this one was composed from (ref, sha256)
         self.composition: list[dict[str, Any]] = []  # the composition blocks as data, with the sets each became
@@ -132,7 +134,9 @@ class ModularModel(nn.Module):
 
     def _head_hook(self, key: str, trained: nn.Module) -> Handle:
         """The base head's output replaced by its trained copy's."""
-        return self.base.get_submodule(site_name(key)).register_forward_hook(lambda _m, args, _out: trained(*args))
+        def hook(_m: nn.Module, args: tuple, out: Any) -> Any:
+            return out if self.ctx.bare else trained(*args)
+        return self.base.get_submodule(site_name(key)).register_forward_hook(hook)
 
     def _install(self, name: str) -> list[Handle]:
         """Hooks of one module set (and its head); installing after removing is exact."""
@@ -221,16 +225,13 @@ class ModularModel(nn.Module):
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the bare base inside the block (PEFT's name): every hook is removed, then put back."""
-        names = list(self._handles)
-        for name in names:
-            for handle in reversed(self._handles[name]):
-                handle.remove()
-        try:
+        """Run the bare base for the calls made inside the block (PEFT's name).
+
+        The switch is this thread's call state (`CallState.bare`), not the hooks: another thread's
+        calls meanwhile keep every module, and the hooks stay installed.
+        """
+        with self.ctx.bound(CallState(bare=True)):
             yield
-        finally:
-            for name in names:
-                self._handles[name] = self._install(name)
 
     # ----- running -----
 
@@ -238,32 +239,33 @@ class ModularModel(nn.Module):
         return [m for s in self.adapters.values() for m in s.values() if _provides(m, method)]
 
     def task_index(self, task_ids: Any, batch: int | None = None) -> torch.Tensor | None:
-        """Task ids as an int64 tensor; names are looked up in `task_names`."""
+        """Task ids as an int64 tensor, one per example; names are looked up in `task_names`.
+
+        Integers (or names) only: a float or bool id is refused, never truncated (`grouped.as_ids`).
+        """
         if task_ids is None:
             return None
         if isinstance(task_ids, (str, int)):
             task_ids = [task_ids] * (batch or 1)
-        if isinstance(task_ids, torch.Tensor):
-            ids = task_ids.long()
-        else:
-            try:
-                ids = torch.tensor([self.task_names.index(t) if isinstance(t, str) else int(t) for t in task_ids])
-            except ValueError as e:
-                raise RoutingError(f"unknown task in task_ids: {e}; known tasks: {self.task_names}") from None
-        if len(self.task_names) and (ids.min() < 0 or ids.max() >= len(self.task_names)):
-            raise RoutingError(f"task ids must be in [0, {len(self.task_names)}), got {ids.tolist()}")
+        ids = as_ids(task_ids, len(self.task_names) or None, "tasks in task_ids", self.task_names)
+        if batch is not None and ids.shape[0] != batch:
+            raise RoutingError(f"task_ids holds {ids.shape[0]} ids for a batch of {batch}; give one per example")
         return ids.to(self.base.device)
 
     @contextmanager
     def bind(self, task_ids: Any = None, attention_mask: torch.Tensor | None = None,
              batch: int | None = None) -> Iterator[CallState]:
-        """Bind a fresh call state (task ids, mask) for one forward or generate call."""
-        state = CallState(task_ids=self.task_index(task_ids, batch), attention_mask=attention_mask)
+        """Bind a fresh call state (task ids, mask) for one forward or generate call; inside
+        `disable_adapter` it is bare."""
+        state = CallState(task_ids=self.task_index(task_ids, batch), attention_mask=attention_mask,
+                          bare=self.ctx.bare)
         with self.ctx.bound(state):
             yield state
 
     def prepare_inputs(self, kwargs: dict[str, Any], state: CallState) -> dict[str, Any]:
         """Apply prompts and prefixes to one call's keyword arguments (the prefix cache goes into `state`)."""
+        if state.bare:
+            return kwargs
         prompters, prefixers = self.modules_of("prompt"), self.modules_of("prefix")
         g = self.sites.geometry
         if prompters:
@@ -297,7 +299,7 @@ class ModularModel(nn.Module):
         with self.bind(task_ids, kwargs.get("attention_mask"), batch) as state:
             state.selected = selected_ids(self, adapter_names, batch)
             out = self.base(**self.prepare_inputs(kwargs, state))
-            for m in self.modules_of("check_call"):
+            for m in [] if state.bare else self.modules_of("check_call"):
                 m.check_call(state)
             return out
 
@@ -314,6 +316,8 @@ class ModularModel(nn.Module):
             return generate(self, state, input_ids, attention_mask, **kwargs)
 
     # ----- gradient (activation) checkpointing -----
+            if state.bare:
+                return self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
         """Checkpoint the base's layers; the recomputed forward sees the same call state (task ids, masks).
 

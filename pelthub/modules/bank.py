@@ -30,7 +30,8 @@ class Bank:
     """Per-example selection over `rows`; `route(batch)` gives the call's plan (built once per call) or None."""
 
     def __init__(self, rows: Rows, route: Callable[[int], RoutePlan | None], what: str):
-        self.rows, self.route, self.what = [dict(r) for r in rows], route, what
+        self.rows, self._route, self.what = [dict(r) for r in rows], route, what
+        self.ctx: CallContext | None = None  # set by install
         self.kinds = list(dict.fromkeys(k for r in self.rows for k in r))
         bad = [k for k in self.kinds if k not in SELECTABLE]
         if bad:
@@ -43,7 +44,12 @@ class Bank:
                                   f"{list(r)}; build the module sets with the kinds in the same order")
 
     def install(self, base: nn.Module, ctx: CallContext) -> list[Handle]:
+        self.ctx = ctx
         return [h for kind in self.kinds for h in _INSTALL[kind](self, base, ctx)]
+
+    def route(self, batch: int) -> RoutePlan | None:
+        """This call's plan, or None where the bank stands aside (the call does not route, or is bare)."""
+        return None if self.ctx.bare else self._route(batch)
 
     def present(self, kind: str, key: str, part: Callable[[PeltModule], Any]) -> list[Any]:
         """Per row: `part(module)` when the row's `kind` module adapts `key`, else None."""

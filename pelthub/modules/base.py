@@ -35,6 +35,7 @@ class CallState:
     attention_mask: torch.Tensor | None = None  # (B, n) of the real tokens
     cache: Any = None                           # the prefix cache pelthub built for this call, if any
     selected: torch.Tensor | None = None        # (B,) module set per example (`adapter_names=`), if selecting
+    bare: bool = False                          # inside `disable_adapter`: every module steps aside
     scratch: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -74,9 +75,16 @@ class CallContext:
 
     @property
     def selecting(self) -> bool:
-        """Whether this call selects one module set per example: plain sets' hooks then step aside."""
+        """Whether plain sets' hooks step aside: this call selects one module set per example (a bank
+        serves it), or runs the bare base (`bare`)."""
         state = self._var.get()
-        return state is not None and state.selected is not None
+        return state is not None and (state.selected is not None or state.bare)
+
+    @property
+    def bare(self) -> bool:
+        """Whether this call runs the bare base (`ModularModel.disable_adapter`): every hook steps aside."""
+        state = self._var.get()
+        return state is not None and state.bare
 
     def scratch(self, owner: object) -> dict[str, Any]:
         """The per-call scratch dict of `owner`; a throwaway dict when no call is bound."""

@@ -21,12 +21,16 @@ accelerator, skipped under torch.compile so that one graph serves every batch co
 """
 from __future__ import annotations
 
+import numbers
+import reprlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
+from ..errors import RoutingError
 from .base import CallContext
 
 
@@ -36,6 +40,39 @@ class RoutePlan:
 
     ids: torch.Tensor
     single: int | None
+
+
+def as_ids(given: Any, count: int | None, what: str, names: Sequence[str] = ()) -> torch.Tensor:
+    """`given` as int64 ids in [0, count): a 1-D integer tensor, or a list of ints and of `names`.
+
+    Floats and bools are refused, never cast: `.long()` and `int()` would run id 1.9 as 1 and True as 1,
+    sending examples through another task's modules without a word. count None: the caller knows no
+    upper bound, so only negative ids are refused.
+    """
+    allowed = f"integers in [0, {count})" if count is not None else "integers >= 0"
+    allowed += f" or names from {list(names)}" if names else ""
+    if isinstance(given, np.ndarray):
+        given = given.tolist()
+    if isinstance(given, torch.Tensor):
+        if given.dim() != 1 or given.dtype == torch.bool or given.dtype.is_floating_point or given.dtype.is_complex:
+            raise RoutingError(f"{what} must be {allowed}, one per example: pass a list or a 1-D integer tensor, "
+                               f"not a {given.dtype} tensor of shape {tuple(given.shape)}")
+        ids = given.long()
+        outside = ids[(ids < 0) | (ids >= count)] if count is not None else ids[ids < 0]
+        if outside.numel():
+            raise RoutingError(f"{what} must be {allowed}, got {outside[:3].tolist()}")
+        return ids
+    if not isinstance(given, (list, tuple)):
+        raise RoutingError(f"{what} must be {allowed}, one per example in a list or a 1-D integer tensor; "
+                           f"got {reprlib.repr(given)}")
+    lookup = {name: i for i, name in enumerate(names)}
+    for value in given:
+        if isinstance(value, str) and value not in lookup:
+            raise RoutingError(f"unknown {what}: {reprlib.repr(value)}; give {allowed}")
+        integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if not isinstance(value, str) and not (integer and 0 <= value < (2 ** 63 if count is None else count)):
+            raise RoutingError(f"{what} must be {allowed}, got {reprlib.repr(value)}")
+    return torch.tensor([lookup[v] if isinstance(v, str) else int(v) for v in given], dtype=torch.long)
 
 
 def plan(ids: torch.Tensor) -> RoutePlan:

@@ -226,7 +226,7 @@ class ArrowModule(PeltModule):
                                             requires_grad=config.learn_temperature)
 
     def install(self, base: nn.Module, ctx: CallContext) -> list[Handle]:
-        return [add_to_output(base.get_submodule(site_name(key)), self._delta(layer))
+        return [add_to_output(base.get_submodule(site_name(key)), self._delta(layer), ctx)
                 for key, layer in self.layers.items()]
 
     def _delta(self, layer: ArrowLinear) -> Any:

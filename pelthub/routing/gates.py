@@ -219,6 +219,8 @@ class UniPELTModule(PeltModule):
 
     def _lora_hook(self, key: str, layer: LoRALinear) -> Any:
         def hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            if self.ctx.bare:
+                return out
             x = args[0]
             g = self.gate("lora", key, x)
             return out + (_expand(g, out) * lora_update(layer, x)).to(out.dtype)
@@ -226,6 +228,8 @@ class UniPELTModule(PeltModule):
 
     def _adapter_hook(self, key: str, layer: nn.Module) -> Any:
         def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+            if self.ctx.bare:
+                return out
             g = self.gate("adapter", key, out)
             return out + (_expand(g, out) * layer(out)).to(out.dtype)
         return hook

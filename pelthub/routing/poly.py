@@ -36,7 +36,7 @@ from torch import nn
 from ..errors import ConfigError, DuplicateNameError, RoutingError
 from ..modules.base import CallContext, Handle, PeltModule, add_to_output, site_key, site_name
 from ..modules.config import ModuleConfig, Sourced, one_of, positive_int, positive_number, probability, targets
-from ..modules.grouped import lora_into, plan_once
+from ..modules.grouped import as_ids, lora_into, plan_once
 from ..sites import Sites, linear_dims
 from .poly_sources import over_modules
 
@@ -219,9 +219,11 @@ class PolyModule(PeltModule):
         if self.config.variant == "hard":
             return [base.get_submodule(site_name(k)).register_forward_hook(partial(self._hard, k, ctx))
                     for k in self.layers]
-        return [add_to_output(base.get_submodule(site_name(k)), partial(self._delta, k, ctx)) for k in self.layers]
+        return [add_to_output(base.get_submodule(site_name(k)), partial(self._delta, k, ctx), ctx) for k in self.layers]
 
     def _hard(self, key: str, ctx: CallContext, _m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        if ctx.bare:
+            return out
         """Hard routing: each example's own skill, the update fused into the output (`modules.grouped`)."""
         layer = self.layers[key]
         route = plan_once(ctx, self, out.shape[0], lambda b: self.task_ids(ctx, b, layer.lora_a.device))
@@ -276,14 +278,8 @@ class PolyModule(PeltModule):
         return {site_name(k): self.mixing(k, ids).cpu() for k in self.layers}
 
     def task_index(self, task: str | int) -> int:
-        tasks = self.config.tasks
-        if isinstance(task, str):
-            if task not in tasks:
-                raise RoutingError(f"unknown task {task!r}; known tasks: {list(tasks)}")
-            return tasks.index(task)
-        if not 0 <= task < len(tasks):
-            raise RoutingError(f"task index {task} is out of range for {len(tasks)} tasks")
-        return int(task)
+        """A task's index, by name or index (never a negative one, nor 1.9 read as 1)."""
+        return int(as_ids([task], len(self.config.tasks), "task", self.config.tasks)[0])
 
     @torch.no_grad()
     def add_task(self, name: str, init: str = "uniform") -> None:

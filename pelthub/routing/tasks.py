@@ -32,7 +32,7 @@ from ..model import ModularModel
 from ..modules.bank import SELECTABLE, Bank
 from ..modules.base import CallContext, Handle, PeltModule
 from ..modules.config import ModuleConfig, config_from_dict
-from ..modules.grouped import RoutePlan, plan_once
+from ..modules.grouped import RoutePlan, as_ids, plan_once
 from ..modules.prefix import layer_pairs
 from ..sites import Sites
 from .poly_export import fresh_copy
@@ -126,13 +126,8 @@ class PerTaskModule(PeltModule):
         return ids.to(next(self.parameters()).device)
 
     def task(self, task: str | int) -> nn.ModuleDict:
-        """The modules of one task ({kind: module})."""
-        names = self.config.tasks
-        if isinstance(task, str):
-            if task not in names:
-                raise RoutingError(f"unknown task {task!r}; known tasks: {list(names)}")
-            task = names.index(task)
-        return self.tasks[task]
+        """The modules of one task ({kind: module}), by name or index (never a negative one, nor 1.9 read as 1)."""
+        return self.tasks[int(as_ids([task], len(self.tasks), "task", self.config.tasks)[0])]
 
 
 def per_task_module(model: nn.Module) -> PerTaskModule:
@@ -145,6 +140,10 @@ def per_task_module(model: nn.Module) -> PerTaskModule:
 
 
 def sum_of_task_means(losses: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    task_ids = as_ids(task_ids, None, "task ids").to(losses.device)
+    if task_ids.shape != losses.shape[:1] or losses.dim() != 1:
+        raise RoutingError(f"sum_of_task_means takes one loss and one task id per example, got losses of shape "
+                           f"{tuple(losses.shape)} and {task_ids.shape[0]} task ids")
     """Σ_t mean_{i ∈ t} ℓ_i for per-example losses (b,): each task's gradient is its separate run's."""
     counts = torch.bincount(task_ids, minlength=int(task_ids.max()) + 1).to(losses.dtype)
     return (losses / counts[task_ids]).sum()
@@ -153,7 +152,7 @@ def sum_of_task_means(losses: torch.Tensor, task_ids: torch.Tensor) -> torch.Ten
 def drop_absent_grads(model: nn.Module, task_ids: torch.Tensor) -> None:
     """Set the grads of tasks absent from this batch to None, so the optimiser leaves them as their runs would."""
     module = per_task_module(model)
-    present = set(torch.unique(task_ids).tolist())
+    present = set(torch.unique(as_ids(task_ids, len(module.tasks), "task ids")).tolist())
     for t, row in enumerate(module.tasks):  # the optimiser step, not the forward path
         if t not in present:
             for p in row.parameters():
