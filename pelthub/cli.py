@@ -181,12 +181,23 @@ def _verify(args: argparse.Namespace) -> int:
     lines += [f"corrupt blob: {p}" for p in report.corrupt]
     lines += [f"missing blob: {m}" for m in report.missing]
     lines += [f"bad card: {b}" for b in report.bad_cards]
+    lines += [f"unaccounted blob: {p}" for p in report.unaccounted]
+    if report.unaccounted:
+        lines.append("the index lost commits (copied without index.sqlite-wal, or an older backup): restore "
+                     "index.sqlite with its -wal; `pelthub gc` deletes nothing until then")
+    lines += [f"stray (left alone): {p}" for p in report.stray]
     emit(args, report.to_dict(), "\n".join(lines))
     return 0 if report.ok else 1
 
 
+def _gc_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--unaccounted", action="store_true",
+                   help="also delete blobs the index never recorded (after `verify` reports them and you keep this "
+                        "index as it is)")
+
+
 def _gc(args: argparse.Namespace) -> int:
-    report = registry(args).gc()
+    report = registry(args).gc(unaccounted=args.unaccounted)
     emit(args, dataclasses.asdict(report),
          f"removed {report.blobs_removed} blobs ({report.bytes_freed:,} bytes), {report.temps_removed} temporary "
          f"files, {report.checkouts_removed} checkouts")
@@ -338,7 +349,7 @@ COMMANDS: dict[str, Command] = {
     "show": Command("show one module's card", _show_args, _show),
     "rm": Command("remove a module version (or every version of a name)", _rm_args, _rm),
     "verify": Command("re-hash every stored file and report damage", _no_arguments, _verify),
-    "gc": Command("delete files no module references", _no_arguments, _gc),
+    "gc": Command("delete files no module references", _gc_args, _gc),
     "demo": Command("run the end-to-end demo", _demo_args, _demo),
     "push": Command("upload a module to the Hugging Face Hub", _push_args, _push),
     "pull": Command("download a module (and its parents) from the Hub, verified", _pull_args, _pull),

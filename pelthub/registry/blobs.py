@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import stat
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from ..errors import IntegrityError
+from ..errors import IntegrityError, RegistryError
 from .card import SHA_RE
 
 CHUNK = 1 << 20
+SHARD_RE = re.compile(r"^[0-9a-f]{2}\Z")
+PID_MAX = 1 << 22  # Linux's ceiling; a larger "pid" in a tmp/ name is not one of ours
 READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
 
 
@@ -67,6 +70,9 @@ class BlobStore:
         self.tmp = root / "tmp"
         self.checkouts = root / "checkouts"
         for d in (self.dir, self.tmp, self.checkouts):
+            if d.exists() and not d.is_dir():
+                raise RegistryError(f"{d} is not a directory, but the registry keeps its {d.name} there; move it "
+                                    "out of the registry folder")
             d.mkdir(parents=True, exist_ok=True)
 
     def path(self, sha: str) -> Path:
@@ -82,15 +88,15 @@ class BlobStore:
     def temp_dir(self) -> str:
         return tempfile.mkdtemp(dir=self.tmp, prefix=f"{os.getpid()}-")
 
-    def put(self, src: Path, link: bool = False) -> tuple[str, int]:
+    def put(self, src: Path, link: bool = False, sha: str | None = None) -> tuple[str, int]:
         """Store a file's bytes; returns (sha256, size). An intact copy already there is kept as is.
 
         Hashing first costs a read but saves the temporary copy and its fsync
         when the content is already stored (re-adds, shared pelthub.json).
         `link=True` hard-links a file that is already durable (written and
-        fsynced by us, in `tmp/`) instead of copying it.
+        fsynced by us, in `tmp/`) instead of copying it. `sha`: the file's sha256, when the caller hashed it.
         """
-        sha = file_sha256(src)
+        sha = sha or file_sha256(src)
         final = self.path(sha)
         if final.is_file() and file_sha256(final) == sha:
             return sha, final.stat().st_size
@@ -182,10 +188,24 @@ class BlobStore:
         shutil.rmtree(aside.parent, ignore_errors=True)
 
     def __iter__(self) -> Iterator[str]:
-        """The sha256 of every blob on disk."""
+        """The sha256 of every blob on disk: regular files named by a sha256 in their shard, nothing else.
+
+        Symlinks and other strays are never listed, so gc can neither follow one out of the
+        registry nor trip over a directory.
+        """
         for shard in sorted(self.dir.iterdir()):
-            if shard.is_dir():
-                yield from sorted(p.name for p in shard.iterdir() if SHA_RE.match(p.name))
+            if _is_shard(shard):
+                yield from sorted(p.name for p in shard.iterdir() if _is_blob(p, shard.name))
+
+    def strays(self) -> list[str]:
+        """Entries under blobs/ and checkouts/ that pelthub did not write (gc leaves them alone)."""
+        found = []
+        for shard in sorted(self.dir.iterdir()):
+            if not _is_shard(shard):
+                found.append(str(shard))
+                continue
+            found += [str(p) for p in sorted(shard.iterdir()) if not _is_blob(p, shard.name)]
+        return found + [str(p) for p in sorted(self.checkouts.iterdir()) if not _is_checkout(p)]
 
     def remove(self, sha: str) -> int:
         """Delete a blob; returns the bytes freed."""
@@ -199,7 +219,7 @@ class BlobStore:
         removed = 0
         for entry in self.tmp.iterdir():
             pid = entry.name.split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and 0 < int(pid) < PID_MAX and not entry.is_symlink() and not _pid_alive(int(pid)):
                 if entry.is_dir():
                     shutil.rmtree(entry)
                 else:
@@ -208,13 +228,33 @@ class BlobStore:
         return removed
 
     def clean_checkouts(self, keep: set[str]) -> int:
-        """Remove checkout directories whose content no card references any more."""
+        """Remove checkout directories whose content no card references any more (not strays: see `strays`)."""
         removed = 0
         for entry in self.checkouts.iterdir():
-            if entry.name not in keep:
+            if _is_checkout(entry) and entry.name not in keep:
                 shutil.rmtree(entry)
                 removed += 1
         return removed
+
+
+def _is_shard(path: Path) -> bool:
+    return SHARD_RE.match(path.name) is not None and stat.S_ISDIR(_mode(path))
+
+
+def _is_blob(path: Path, shard: str) -> bool:
+    return SHA_RE.match(path.name) is not None and path.name[:2] == shard and stat.S_ISREG(_mode(path))
+
+
+def _is_checkout(path: Path) -> bool:
+    return SHA_RE.match(path.name) is not None and stat.S_ISDIR(_mode(path))
+
+
+def _mode(path: Path) -> int:
+    """The entry's own type and mode (a symlink is a symlink, not what it points at); 0 once it is gone."""
+    try:
+        return path.lstat().st_mode
+    except FileNotFoundError:
+        return 0
 
 
 def _matches(directory: Path, files: dict[str, str]) -> bool:

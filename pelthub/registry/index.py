@@ -7,6 +7,14 @@ process killed mid-transaction leaves nothing behind: SQLite discards the
 uncommitted WAL frames on the next open. The card JSON is the truth; the
 other columns and tables exist so that search stays fast at tens of
 thousands of cards.
+
+Two promises keep a copied or damaged index from costing data. Every commit is
+checkpointed into `index.sqlite` itself (`wal_checkpoint(TRUNCATE)`), so a
+copy of the folder without `index.sqlite-wal` (a backup tool, a cloud sync)
+still holds every committed card. And the `stored` table names every blob an
+add was about to write (committed before the blob appears), so `gc` deletes
+only blobs the index accounts for: a blob it does not know about means the
+index lost commits (an old or partial copy), not that the blob is garbage.
 """
 from __future__ import annotations
 
@@ -16,12 +24,12 @@ import sqlite3
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from ..errors import RegistryError
 from .card import Card
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 120.0
 SCHEMA = (
     "CREATE TABLE names (name TEXT PRIMARY KEY, next_version INTEGER NOT NULL)",
@@ -42,7 +50,26 @@ SCHEMA = (
     "CREATE TABLE parents (card_id INTEGER NOT NULL, ref TEXT NOT NULL, PRIMARY KEY (card_id, ref)) WITHOUT ROWID",
     "CREATE INDEX parents_ref ON parents (ref)",
 )
+# Schema 1 -> 2: the blobs an index accounts for; those its cards reference are accounted for from the start.
+STORED = ("CREATE TABLE stored (sha256 TEXT PRIMARY KEY) WITHOUT ROWID",
+          "INSERT INTO stored SELECT DISTINCT sha256 FROM files")
+TABLES = ("names", "cards", "kinds", "tags", "files", "parents", "stored")
 CHILD_TABLES = ("kinds", "tags", "files", "parents")
+RESTORE = ("restore index.sqlite together with index.sqlite-wal from a backup or the folder it was copied from, or move "
+           "both aside to start an empty index (the blobs stay: `pelthub gc` keeps what an index does not account for)")
+
+
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    """Copy every committed page into the database file and empty the WAL: a copy without `-wal` is complete.
+
+    A reader in another process can keep part of the WAL from being copied (SQLite then says busy); the
+    next commit's checkpoint finishes the job, so a busy answer is not an error.
+    """
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
 
 def haystack(card: Card) -> str:
@@ -69,7 +96,17 @@ class Index:
         return self._conn
 
     def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        with self._translated():
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+            try:
+                self._prepare(conn)
+            except BaseException:
+                conn.close()
+                raise
+        return conn
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        """WAL mode, then create the schema (empty file), migrate it (older pelthub) or check it."""
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode.lower() != "wal":
@@ -80,34 +117,61 @@ class Index:
         if version > SCHEMA_VERSION:
             raise RegistryError(f"{self.path} was written by a newer pelthub (index schema {version}, this one reads "
                                 f"{SCHEMA_VERSION}); upgrade pelthub")
-        if version == 0:
+        if version < SCHEMA_VERSION:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                if conn.execute("PRAGMA user_version").fetchone()[0] == 0:  # another process may have won
-                    for statement in SCHEMA:
-                        conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                version = conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have won
+                tables = _tables(conn)
+                if version == 0 and tables:
+                    raise RegistryError(f"{self.path} is an SQLite database pelthub did not write (tables "
+                                        f"{', '.join(sorted(tables))}); move it out of the registry folder")
+                for statement in (SCHEMA + STORED if version == 0 else STORED if version == 1 else ()):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-        return conn
+            _checkpoint(conn)
+        missing = set(TABLES) - _tables(conn)
+        if missing:
+            raise RegistryError(f"{self.path} lacks the tables {', '.join(sorted(missing))}: it is not a pelthub "
+                                f"index; {RESTORE}")
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        """SQLite's errors as RegistryError naming the file and the fix (a damaged file, or a lock held too long)."""
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise RegistryError(f"{self.path} stayed locked for {BUSY_TIMEOUT_S:.0f} s ({e}); another pelthub "
+                                    "process holds it: wait for it to finish, or stop it") from None
+            raise RegistryError(f"cannot use {self.path} ({e}): it is damaged or unreadable; {RESTORE}") from None
+        except sqlite3.Error as e:
+            raise RegistryError(f"cannot use {self.path} ({e}): it is damaged or not a pelthub index; "
+                                f"{RESTORE}") from None
 
     @contextmanager
     def write(self) -> Iterator["Index"]:
-        """One write transaction, holding SQLite's write lock from the start (no lock upgrades, no deadlock)."""
-        with self._lock:
+        """One write transaction, holding SQLite's write lock from the start (no lock upgrades, no deadlock).
+
+        The commit is then checkpointed into the database file, so the file alone is complete.
+        """
+        with self._lock, self._translated():
             conn = self.conn
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
+            _checkpoint(conn)
 
     def _rows(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
+        with self._lock, self._translated():
             return self.conn.execute(sql, params).fetchall()
 
     # ----- changes (inside write()) -----
@@ -128,6 +192,15 @@ class Index:
         conn.executemany("INSERT INTO tags VALUES (?, ?)", [(cid, t) for t in card.tags])
         conn.executemany("INSERT INTO files VALUES (?, ?, ?)", [(cid, n, f["sha256"]) for n, f in card.files.items()])
         conn.executemany("INSERT INTO parents VALUES (?, ?)", [(cid, p["ref"]) for p in card.parents])
+        self.claim(f["sha256"] for f in card.files.values())
+
+    def claim(self, shas: Iterable[str]) -> None:
+        """Account for blobs about to be written: commit this before they appear, so `gc` may reclaim them."""
+        self.conn.executemany("INSERT OR IGNORE INTO stored VALUES (?)", [(sha,) for sha in shas])
+
+    def forget(self, shas: Sequence[str]) -> None:
+        """Stop accounting for blobs `gc` deleted."""
+        self.conn.executemany("DELETE FROM stored WHERE sha256 = ?", [(sha,) for sha in shas])
 
     def delete(self, ids: Sequence[int]) -> None:
         marks = ",".join("?" * len(ids))
@@ -173,6 +246,10 @@ class Index:
 
     def referenced_blobs(self) -> set[str]:
         return {r[0] for r in self._rows("SELECT DISTINCT sha256 FROM files")}
+
+    def accounted(self) -> set[str]:
+        """The blobs this index knows it wrote: referenced by a card, or claimed by an add or a removed card."""
+        return {r[0] for r in self._rows("SELECT sha256 FROM stored")}
 
     def digests(self) -> set[str]:
         return {r[0] for r in self._rows("SELECT DISTINCT digest FROM cards")}

@@ -46,11 +46,13 @@ class VerifyReport:
     corrupt: list[str]       # blob paths whose bytes no longer hash to their name
     missing: list[str]       # "ref: file (blob path)" for files a card needs that are gone
     bad_cards: list[str]     # cards that fail validation, with the field named
-    unreferenced: int        # blobs no card uses (`gc` removes them)
+    unreferenced: int        # blobs no card uses (`gc` removes those the index accounts for)
+    unaccounted: list[str]   # blob paths the index never recorded: it lost commits (see `Registry.gc`)
+    stray: list[str]         # entries under blobs/ and checkouts/ pelthub did not write; left alone
 
     @property
     def ok(self) -> bool:
-        return not (self.corrupt or self.missing or self.bad_cards)
+        return not (self.corrupt or self.missing or self.bad_cards or self.unaccounted)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "ok": self.ok}
@@ -129,8 +131,11 @@ class Registry:
                 resolved, local = self._parents(info.get("parents") or [])
             counted = _trainable_parameters(info, directory / WEIGHTS_FILE)
             ours = directory == Path(tmp)  # written and fsynced by save_pretrained: link, don't copy
-            files = {f: self.blobs.put(directory / f, link=ours) for f in MODULE_FILES}
-            signatures.record(self.root, directory, files[WEIGHTS_FILE][0])  # Arrow prototypes of a LoRA
+            shas = {f: file_sha256(directory / f) for f in MODULE_FILES}
+            signatures.record(self.root, directory, shas[WEIGHTS_FILE])  # Arrow prototypes of a LoRA; checks A, B
+            with self.index.write() as index:  # before the blobs appear, so gc knows them for ours
+                index.claim(shas.values())
+            files = {f: self.blobs.put(directory / f, link=ours, sha=shas[f]) for f in MODULE_FILES}
             draft = Card(
                 name=name, version=1, kinds=sorted({c["kind"] for cs in info["modules"].values() for c in cs}),
                 modules=info["modules"], heads=info.get("heads") or {}, base_model=info["base_model"], task=task,
@@ -305,7 +310,9 @@ class Registry:
         return refs
 
     def verify(self) -> VerifyReport:
-        """Re-hash every blob and check every card parses and has its blobs."""
+        """Re-hash every blob, check every card parses and has its blobs, and that the index accounts for
+        every blob (one it never recorded means the index lost commits: copied without `index.sqlite-wal`,
+        or restored from an older backup)."""
         corrupt, on_disk = [], set()
         for sha in self.blobs:
             on_disk.add(sha)
@@ -322,18 +329,34 @@ class Registry:
                 referenced.add(f["sha256"])
                 if f["sha256"] not in on_disk and not self.blobs.exists(f["sha256"]):  # may be newer than listing
                     missing.append(f"{card.ref}: {fname} ({self.blobs.path(f['sha256'])})")
-        return VerifyReport(len(on_disk), corrupt, missing, bad, len(on_disk - referenced))
+        known = self.index.accounted()
+        unaccounted = [str(self.blobs.path(sha)) for sha in sorted(on_disk - known) if self.blobs.exists(sha)]
+        return VerifyReport(len(on_disk), corrupt, missing, bad, len(on_disk - referenced), unaccounted,
+                            self.blobs.strays())
 
-    def gc(self) -> GcReport:
+    def gc(self, unaccounted: bool = False) -> GcReport:
         """Drop blobs and checkouts no card references, and temporary files of dead processes.
 
-        Runs under the index's write lock, so no add can commit meanwhile; an
-        add whose blobs were dropped before it committed writes them again.
+        Deletes only what the index accounts for: if a blob on disk is one the index never recorded,
+        the index has lost commits (a folder copied without `index.sqlite-wal`, an older backup) and
+        its cards may be the ones missing, so gc deletes nothing and raises RegistryError.
+        `unaccounted=True` (`pelthub gc --unaccounted`) deletes those blobs too, once you know the index is
+        the one you mean to keep. Runs under the index's write lock, so no add can commit meanwhile;
+        an add whose blobs were dropped before it committed writes them again.
         """
         with self.index.write() as index:
-            keep = index.referenced_blobs()
-            dropped = [sha for sha in self.blobs if sha not in keep]
+            keep, known, on_disk = index.referenced_blobs(), index.accounted(), list(self.blobs)
+            unknown = [sha for sha in on_disk if sha not in known]
+            if unknown and not unaccounted:
+                raise RegistryError(
+                    f"gc deleted nothing: {len(unknown)} of the {len(on_disk)} blobs under {self.blobs.dir} are not "
+                    f"in {self.index.path} (e.g. {unknown[0][:16]}...), so the index has lost commits: copied "
+                    "without index.sqlite-wal, or restored from an older backup. Restore index.sqlite with its "
+                    "-wal from where it came; if this index is the one to keep, `pelthub gc --unaccounted` "
+                    "deletes those blobs")
+            dropped = [sha for sha in on_disk if sha not in keep]
             freed = sum(self.blobs.remove(sha) for sha in dropped)
+            index.forget(dropped)
             checkouts = self.blobs.clean_checkouts(index.digests())
         return GcReport(len(dropped), freed, self.blobs.clean_temps(), checkouts)
 

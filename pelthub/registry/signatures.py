@@ -18,16 +18,16 @@ is that count on one stacked prototype matrix per layer: the part that grows wit
 from __future__ import annotations
 
 import sqlite3
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModuleFormatError, RegistryError
 from ..model.io import WEIGHTS_FILE, read_description
 from ..model.modular import ModularModel
 from ..modules.base import site_name
@@ -43,11 +43,22 @@ Signature = dict[str, torch.Tensor]            # site → prototype (in,)
 Table = dict[str, tuple[torch.Tensor, torch.Tensor]]  # site → (candidate indices (n,), prototypes (n, in))
 
 
-def _connect(root: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(root / FILE, timeout=30)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("CREATE TABLE IF NOT EXISTS signatures (weights TEXT, site TEXT, vec BLOB, PRIMARY KEY (weights, site))")
-    return db
+@contextmanager
+def _connect(root: Path) -> Iterator[sqlite3.Connection]:
+    """The signatures database, closed afterwards; its damage is a RegistryError naming the fix.
+
+    It holds only what `compute` derives from the blobs, so deleting it loses nothing.
+    """
+    path = root / FILE
+    try:
+        with closing(sqlite3.connect(path, timeout=30)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS signatures (weights TEXT, site TEXT, vec BLOB, "
+                       "PRIMARY KEY (weights, site))")
+            yield db
+    except sqlite3.Error as e:
+        raise RegistryError(f"cannot use {path} ({e}): it is damaged or was not written by pelthub; delete it (and "
+                            f"{FILE}-wal): pelthub recomputes the signatures from the registry's blobs") from None
 
 
 def compute(directory: str | Path) -> Signature | None:
@@ -57,17 +68,30 @@ def compute(directory: str | Path) -> Signature | None:
     if len(sets) != 1 or [c.get("kind") for c in sets[0][1]] != ["lora"]:
         return None
     prefix = f"adapters.{sets[0][0]}.lora.layers."
-    with safe_open(str(Path(directory) / WEIGHTS_FILE), framework="pt") as f:
-        keys = [k[len(prefix):-len(".lora_a")] for k in f.keys() if k.startswith(prefix) and k.endswith(".lora_a")]
-        return {site_name(k): top_right_singular(f.get_tensor(f"{prefix}{k}.lora_a").float(),
-                                                 f.get_tensor(f"{prefix}{k}.lora_b").float()) for k in keys}
+    weights = Path(directory) / WEIGHTS_FILE
+    with safe_open(str(weights), framework="pt") as f:
+        names = set(f.keys())
+        keys = [k[len(prefix):-len(".lora_a")] for k in sorted(names) if k.startswith(prefix) and k.endswith(".lora_a")]
+        return {site_name(k): top_right_singular(*_factors(f, names, f"{prefix}{k}", weights)) for k in keys}
+
+
+def _factors(f: Any, names: set[str], key: str, weights: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (r, in) and B (out, r) of one layer, or ModuleFormatError naming the tensors that disagree."""
+    if f"{key}.lora_b" not in names:
+        raise ModuleFormatError(f"{weights}: {key}.lora_a has no {key}.lora_b beside it; save the module again "
+                                "(model.save_pretrained) or re-export it")
+    a, b = f.get_tensor(f"{key}.lora_a"), f.get_tensor(f"{key}.lora_b")
+    if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or not a.shape[0]:
+        raise ModuleFormatError(f"{weights}: {key}.lora_a {list(a.shape)} and .lora_b {list(b.shape)} are not a LoRA "
+                                "pair (A is (r, in), B is (out, r), r > 0); save the module again or re-export it")
+    return a.float(), b.float()
 
 
 def record(root: Path, directory: str | Path, weights_sha: str) -> Signature | None:
     """Compute and store the signature of a module being added (nothing for non-LoRA modules)."""
     signature = compute(directory)
     if signature:
-        with closing(_connect(root)) as db, db:
+        with _connect(root) as db, db:
             db.executemany("INSERT OR REPLACE INTO signatures VALUES (?, ?, ?)",
                            [(weights_sha, site, v.float().numpy().tobytes()) for site, v in signature.items()])
     return signature
@@ -83,10 +107,15 @@ def stored(registry: "Registry", ref: str) -> Signature | None:
 
 def _read(root: Path, where: str = "", args: tuple = ()) -> dict[str, Signature]:
     """{weights sha256: signature} of the rows selected."""
-    with closing(_connect(root)) as db:
+    with _connect(root) as db:
         rows = db.execute(f"SELECT weights, site, vec FROM signatures {where}", args).fetchall()
     out: dict[str, Signature] = {}
     for sha, site, vec in rows:
+        if not (isinstance(sha, str) and isinstance(site, str) and isinstance(vec, bytes) and vec
+                and len(vec) % 4 == 0):
+            raise RegistryError(f"{root / FILE} holds a damaged row (weights {str(sha)[:16]}..., site "
+                                f"{str(site)[:80]}); delete it (and {FILE}-wal): pelthub recomputes the signatures "
+                                "from the registry's blobs")
         out.setdefault(sha, {})[site] = torch.from_numpy(np.frombuffer(vec, dtype=np.float32).copy())
     return out
 
