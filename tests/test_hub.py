@@ -233,6 +233,7 @@ def test_auth_errors_name_the_fix_and_never_show_the_token(local_hub, regs, monk
         with pytest.raises(HubAuthError, match="no token found"):
             alice.push(ref, "alice/lora", endpoint=hub.endpoint)
         monkeypatch.setenv("HF_TOKEN", TOKEN)  # a token from the environment is scrubbed too
+        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)  # the stored token goes to the default Hub only
         assert cli.main(["push", ref, "alice/lora", "--endpoint", hub.endpoint, "--registry", str(alice.root)]) == 1
     out = capsys.readouterr()
     assert "token was refused" in out.err

@@ -7,8 +7,11 @@ could name a path outside the cache. Here each file is streamed to
 commit a checked 40-hex sha; no more bytes are taken than the Hub's record
 of the file (or the cap) allows; and each file is hashed and compared with
 that record (sha256 for LFS files, the git blob id for the others) before
-anyone reads it. 5xx answers and refused connections are tried again a few
-times with back-off; 4xx answers once.
+anyone reads it. The hash is taken while the bytes stream to disk, so a
+pull holds at most one chunk of a file in memory; the whole download ends
+within `limits.download_limit_s` however slowly the bytes drip (see
+wire.py). 5xx answers and refused connections are tried again a few times
+with back-off; 4xx answers once.
 """
 from __future__ import annotations
 
@@ -21,16 +24,16 @@ from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import quote
 
-from huggingface_hub import get_session
 from huggingface_hub.utils import build_hf_headers
 
 from ..errors import HubAuthError, HubConnectionError, HubError, HubIntegrityError, HubNotFoundError
-from .client import COMMIT_RE, bounded, check_online, check_repo_id, endpoint_of, public, scrub, too_slow
-from .limits import ATTEMPTS, BACKOFF_S
+from .client import COMMIT_RE, bounded, check_online, check_repo_id, endpoint_of, public, scrub, token_for, too_slow
+from .limits import ATTEMPTS, BACKOFF_S, download_limit_s
 from .transport import http
+from .wire import body, get
 
 PLAIN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}\Z")
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # read back from disk when the Hub records no size for a git blob
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,7 @@ def download(repo_id: str, commit: str, siblings: dict, files: Sequence[str], di
                            f"{cap:,} for it, so it was not downloaded (see README, Security model, to raise it)")
         limit = expected if expected is not None else cap
         target = f"{url}/{quote(repo_id)}/resolve/{commit}/{quote(name)}"
-        _fetch(target, directory / name, limit, f"download {name} of {repo_id}", url, token, timeout)
-        _check_against_hub(repo_id, name, directory / name, siblings[name])
+        _fetch(target, directory / name, limit, siblings[name], repo_id, endpoint, token, timeout)
     return Snapshot(repo_id, commit, public(url), directory, tuple(files))
 
 
@@ -85,14 +87,16 @@ def _recorded_size(sibling: Any) -> int | None:
     return size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None
 
 
-def _fetch(url: str, dest: Path, limit: int | None, what: str, endpoint: str, token: str | None,
-           timeout: float | None) -> None:
-    """GET `url` into a new file `dest`, at most `limit` bytes; a few tries on 5xx or a refused connection."""
+def _fetch(url: str, dest: Path, limit: int | None, sibling: Any, repo_id: str, endpoint: str | None,
+           token: str | None, timeout: float | None) -> None:
+    """GET `url` into a new file `dest` (at most `limit` bytes), hashed on the way; a few tries on 5xx."""
+    what = f"download {dest.name} of {repo_id}"
     for attempt in range(ATTEMPTS):
         try:
-            with bounded(timeout) as limit_s:
-                deadline = time.monotonic() + limit_s * (10 + (limit or 0) / CHUNK)
-                _stream(url, dest, limit, what, endpoint, token, limit_s, deadline)
+            with bounded(timeout, endpoint, token):
+                digest = _Digest(sibling)
+                _stream(url, dest, limit, digest, what, endpoint, token, timeout)
+            digest.check(repo_id, dest)
             return
         except _Retry as e:
             if dest.exists():
@@ -112,43 +116,79 @@ class _Retry(Exception):
         self.error = error
 
 
-def _stream(url: str, dest: Path, limit: int | None, what: str, endpoint: str, token: str | None,
-            timeout: float, deadline: float) -> None:
-    headers = build_hf_headers(token=token)
+class _Digest:
+    """The Hub's hash of one file, taken over the bytes as they arrive: sha256 for LFS files, else the git blob id.
+
+    The blob id hashes a header holding the size before the bytes; when the
+    Hub records no size, the file is read back from disk in chunks instead.
+    """
+
+    def __init__(self, sibling: Any):
+        lfs = getattr(sibling, "lfs", None)
+        self.size, self.received = _recorded_size(sibling), 0
+        if lfs is not None:
+            self.kind, self.expected, self.hash = "sha256", lfs.sha256, hashlib.sha256()
+        else:
+            self.kind, self.expected, self.hash = "git blob id", getattr(sibling, "blob_id", None), hashlib.sha1()
+        self.streaming = lfs is not None or self.size is not None
+        if self.streaming and lfs is None:
+            self.hash.update(b"blob %d\0" % self.size)
+
+    def update(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        if self.streaming:
+            self.hash.update(chunk)
+
+    def check(self, repo_id: str, path: Path) -> None:
+        """Raise HubIntegrityError naming the file when its bytes are not the ones the Hub records."""
+        if not self.expected:
+            return
+        if not self.streaming:
+            self.hash.update(b"blob %d\0" % self.received)
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(CHUNK), b""):
+                    self.hash.update(chunk)
+        actual = self.hash.hexdigest()
+        if actual != self.expected or self.size not in (None, self.received):
+            raise HubIntegrityError(f"{path.name} downloaded from {repo_id} has {self.kind} {actual[:16]}... but "
+                                    f"the Hub records {self.expected[:16]}...: the download is damaged or was "
+                                    "tampered with; nothing was added. Try again; if it persists, tell the repo "
+                                    "owner")
+
+
+def _stream(url: str, dest: Path, limit: int | None, digest: _Digest, what: str, endpoint: str | None,
+            token: str | None, timeout: float | None) -> None:
+    where = public(endpoint_of(endpoint))
+    deadline_s = download_limit_s(timeout, limit)
+    deadline = time.monotonic() + deadline_s
+    headers = build_hf_headers(token=token_for(endpoint, token) or False)
     try:
-        with get_session().stream("GET", url, headers=headers, follow_redirects=True) as response:
+        with get(url, headers, what, where, deadline, deadline_s) as response:
             status = response.status_code
-            if status >= 400:
-                error = _status_error(status, what, endpoint, token, response)
+            if status >= 300:
+                error = _status_error(status, what, where, token, response)
                 raise _Retry(error) if status >= 500 else error
-            size = 0
             fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             with os.fdopen(fd, "wb") as out:
-                for chunk in response.iter_bytes(CHUNK):
-                    size += len(chunk)
-                    if limit is not None and size > limit:
-                        raise HubIntegrityError(f"cannot {what}: the Hub at {public(endpoint)} sent more than the "
-                                                f"{limit:,} bytes it records for it; nothing was added")
-                    if time.monotonic() > deadline:
-                        raise too_slow(endpoint, what, timeout)
+                for chunk in body(response, what, where, deadline, deadline_s, limit):
+                    digest.update(chunk)
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
     except http.TimeoutException:
-        raise too_slow(endpoint, what, timeout) from None
+        raise too_slow(endpoint_of(endpoint), what, timeout) from None
     except (http.ConnectError, http.RemoteProtocolError) as e:
-        raise _Retry(HubConnectionError(f"cannot {what}: the Hub at {public(endpoint)} is unreachable "
+        raise _Retry(HubConnectionError(f"cannot {what}: the Hub at {where} is unreachable "
                                         f"({type(e).__name__}: {scrub(str(e), token)[:160]}); check the network "
                                         "and the endpoint (endpoint=, HF_ENDPOINT)")) from None
-    except http.TransportError as e:
-        raise HubConnectionError(f"cannot {what}: the connection to {public(endpoint)} failed "
+    except http.HTTPError as e:
+        raise HubConnectionError(f"cannot {what}: the connection to {where} failed "
                                  f"({type(e).__name__}: {scrub(str(e), token)[:160]}); try again") from None
 
 
-def _status_error(status: int, what: str, endpoint: str, token: str | None, response: Any) -> HubError:
+def _status_error(status: int, what: str, where: str, token: str | None, response: Any) -> HubError:
     message = scrub(response.headers.get("X-Error-Message", ""), token)[:160]
     detail = f" ({message})" if message else ""
-    where = public(endpoint)
     if status in (401, 403):
         return HubAuthError(f"cannot {what}: the Hub at {where} refused it ({status}){detail}; the repo may be "
                             "private or gated: pass a token that may read it (token=, HF_TOKEN or `hf auth login`)")
@@ -159,17 +199,3 @@ def _status_error(status: int, what: str, endpoint: str, token: str | None, resp
         return HubError(f"cannot {what}: the Hub at {where} failed ({status}){detail} after {ATTEMPTS} tries; try "
                         "again later")
     return HubError(f"cannot {what}: the Hub at {where} answered {status}{detail}")
-
-
-def _check_against_hub(repo_id: str, name: str, path: Path, sibling: object) -> None:
-    data = path.read_bytes()
-    lfs = getattr(sibling, "lfs", None)
-    if lfs is not None:
-        expected, actual, kind = lfs.sha256, hashlib.sha256(data).hexdigest(), "sha256"
-    else:
-        expected, kind = getattr(sibling, "blob_id", None), "git blob id"
-        actual = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-    if expected and expected != actual:
-        raise HubIntegrityError(f"{name} downloaded from {repo_id} has {kind} {actual[:16]}... but the Hub records "
-                                f"{expected[:16]}...: the download is damaged or was tampered with; nothing was "
-                                "added. Try again; if it persists, tell the repo owner")

@@ -20,6 +20,14 @@ MAX_DEPTH_ENV = "PELTHUB_MAX_DEPTH"
 DEFAULT_MAX_DEPTH = 32            # parent of a parent of ... of the module pulled
 MAX_PARENTS_ENV = "PELTHUB_MAX_PARENTS"
 DEFAULT_MAX_PARENTS = 100         # modules one pull fetches besides the one asked for
+MAX_SEARCH_PAGES_ENV = "PELTHUB_MAX_SEARCH_PAGES"
+DEFAULT_MAX_SEARCH_PAGES = 100    # pages of results one search follows (the Hub serves up to 1,000 per page)
+MAX_MODULE_BYTES_ENV = "PELTHUB_MAX_MODULE_BYTES"
+DEFAULT_MAX_MODULE_BYTES = 16 << 30  # all files a pulled card declares, together
+MAX_CARD_FILES = 64               # files a pulled card may declare (pelthub writes two)
+MAX_ANSWER_BYTES = 32 << 20       # one metadata answer or one page of search results (JSON)
+MAX_REDIRECTS = 5                 # hops one request may be redirected
+CALL_SPAN = 10                    # a metadata or search call in all: at most timeout x CALL_SPAN seconds
 ATTEMPTS = 3                      # tries of a download on a 5xx answer or a refused connection; 4xx: one
 BACKOFF_S = 0.5                   # wait before the second try; doubles after each
 
@@ -32,6 +40,24 @@ def timeout_s(timeout: float | None = None) -> float:
 
 def max_card_bytes() -> int:
     return int(_setting(None, MAX_CARD_BYTES_ENV, DEFAULT_MAX_CARD_BYTES, "max card bytes", integer=True))
+
+
+def call_limit_s(timeout: float | None = None) -> float:
+    """Seconds one metadata or search call may take in all (every page, hop and read): timeout x CALL_SPAN."""
+    return timeout_s(timeout) * CALL_SPAN
+
+
+def download_limit_s(timeout: float | None, size: int | None) -> float:
+    """Seconds one file download may take in all: timeout x (CALL_SPAN + size in MiB); a slow drip ends there."""
+    return timeout_s(timeout) * (CALL_SPAN + (size or 0) / (1 << 20))
+
+
+def max_search_pages(value: int | None = None) -> int:
+    return int(_setting(value, MAX_SEARCH_PAGES_ENV, DEFAULT_MAX_SEARCH_PAGES, "max_pages", integer=True))
+
+
+def max_module_bytes() -> int:
+    return int(_setting(None, MAX_MODULE_BYTES_ENV, DEFAULT_MAX_MODULE_BYTES, "max module bytes", integer=True))
 
 
 def max_depth(value: int | None = None) -> int:

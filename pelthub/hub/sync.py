@@ -41,7 +41,8 @@ from ..registry.card import HUB_ID_RE, Card, check_name
 from .client import (COMMIT_RE, api, bounded, check_online, check_repo_id, endpoint_of, public, resolve, scrub,
                      too_slow, translated)
 from .fetch import Snapshot, download
-from .limits import max_card_bytes, max_depth as depth_limit, max_parents as parents_limit
+from .limits import (MAX_CARD_FILES, MAX_MODULE_BYTES_ENV, max_card_bytes, max_depth as depth_limit,
+                     max_module_bytes, max_parents as parents_limit)
 from .transport import http
 
 if TYPE_CHECKING:
@@ -128,7 +129,7 @@ def push(registry: "Registry", ref: str, repo_id: str, revision: str | None = No
                                f"{scrub(str(cause), token)[:160]}); try again") from None
     except BaseException as e:
         if created and isinstance(e, Exception):
-            raise _deleted(hub, repo_id, e, what, timeout) from None
+            raise _deleted(hub, repo_id, e, what, endpoint, token, timeout) from None
         raise
     _log_push(registry, {"digest": card.digest, "ref": card.ref, "repo_id": repo_id, "commit": commit,
                          "endpoint": public(url)})
@@ -148,10 +149,11 @@ def _create(hub: Any, repo_id: str, private: bool) -> tuple[str, bool]:
         raise
 
 
-def _deleted(hub: Any, repo_id: str, error: Exception, what: str, timeout: float | None) -> PeltError:
+def _deleted(hub: Any, repo_id: str, error: Exception, what: str, endpoint: str | None, token: str | None,
+             timeout: float | None) -> PeltError:
     """Delete the repo a failed push created; the error returned says whether that worked."""
     try:
-        with bounded(timeout):
+        with bounded(timeout, endpoint, token):
             hub.delete_repo(repo_id)
         note = f"the empty repo {repo_id} it created was deleted again"
     except Exception as e:  # noqa: BLE001 - report it, do not mask the push's own error
@@ -348,11 +350,23 @@ def _fetch_node(node: _Node, siblings: dict, folder: Path, endpoint: str | None,
     readme = download(node.repo_id, node.commit, siblings, [README], folder / "card", endpoint, token, timeout,
                       max_bytes={README: max_card_bytes()})
     card = _read_card(readme)
+    _check_declared(node.repo_id, card)
     caps = {CONFIG_FILE: MAX_CONFIG_BYTES, **{n: f["size"] for n, f in card.files.items() if n != CONFIG_FILE}}
     node.snap = download(node.repo_id, node.commit, siblings, sorted(card.files), folder / "files", endpoint, token,
                          timeout, max_bytes=caps)
     _verify(card, node.snap)
     node.card = card
+
+
+def _check_declared(repo_id: str, card: Card) -> None:
+    """A card may declare at most MAX_CARD_FILES files and max_module_bytes() in all: refused before any download."""
+    if len(card.files) > MAX_CARD_FILES:
+        raise HubError(f"{repo_id}/README.md declares {len(card.files)} files; a pelthub module has at most "
+                       f"{MAX_CARD_FILES}, so nothing was downloaded")
+    total, most = sum(f["size"] for f in card.files.values()), max_module_bytes()
+    if total > most:
+        raise HubError(f"{repo_id}/README.md declares {total:,} bytes of files; pelthub pulls at most {most:,} for "
+                       f"one module, so nothing was downloaded (raise it with ${MAX_MODULE_BYTES_ENV})")
 
 
 def _refuse_peft(repo_id: str, siblings: dict) -> None:

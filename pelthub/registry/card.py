@@ -31,6 +31,37 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _CONTROL_IN_TEXT_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")  # tabs and newlines allowed
 # Fields that record when and by what a card was written, not what it describes.
 BOOKKEEPING = ("version", "created", "pelthub_version")
+MAX_YAML_NODES = 100_000  # nodes of a card's front matter; pelthub writes a few hundred
+MAX_YAML_DEPTH = 64       # nesting of a card's front matter; pelthub writes under ten levels
+
+
+class _FrontMatterLoader(yaml.SafeLoader):
+    """safe_load without aliases, with a node budget and a depth limit.
+
+    An alias (*name) repeats a node without repeating its text, so a 2 KB
+    card of nested aliases expands into gigabytes; pelthub never writes one
+    (`to_markdown` dumps plain data). Without aliases the nodes are bounded by
+    the text, and the budget bounds them again for the slow pure-Python path;
+    the depth limit stops a card of 100,000 '[' before the composer's
+    recursion spends seconds on it.
+    """
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.nodes = self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a card",
+                                              self.peek_event().start_mark)
+        self.nodes, self.depth = self.nodes + 1, self.depth + 1
+        if self.nodes > MAX_YAML_NODES or self.depth > MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"more than {MAX_YAML_NODES:,} nodes or "
+                                              f"{MAX_YAML_DEPTH} levels", self.peek_event().start_mark)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 def check_name(name: Any, what: str = "module name") -> str:
@@ -246,9 +277,15 @@ class Card:
                                     "write it with Card.to_markdown()")
         front = text[4:text.index("\n---\n", 3) + 1]
         try:
-            meta = yaml.safe_load(front)
-        except yaml.YAMLError as e:
-            raise ModuleFormatError(f"{where}: front matter is not valid YAML: {e}") from None
+            loader = _FrontMatterLoader(front)
+            try:
+                meta = loader.get_single_data()
+            finally:
+                loader.dispose()
+        except (yaml.YAMLError, RecursionError) as e:
+            problem = " ".join(str(e).split())
+            problem = problem if len(problem) <= 200 else problem[:197] + "..."
+            raise ModuleFormatError(f"{where}: front matter is not valid YAML for a card: {problem}") from None
         if not isinstance(meta, dict) or not isinstance(meta.get(LIBRARY), dict):
             raise ModuleFormatError(f"{where}: front matter field {LIBRARY!r} (the pelthub card) is missing or "
                                     "not a mapping; this README was not written by pelthub")
