@@ -356,7 +356,7 @@ COMMANDS: dict[str, Command] = {
     "export": Command("write a module as a PEFT adapter or as pelthub files", _export_args, _export),
     "import": Command("register a PEFT adapter (folder or Hub repo) or a pelthub module folder", _import_args,
                       _import),
-    "rank": Command("rank source prompts for a target task (data.jsonl) by a transferability metric",
+    "rank": Command("rank source prompts for a target task (JSONL, CSV, saved dataset) by a transferability metric",
                     _rank_args, _rank),
     "hub-search": Command("find pelthub modules on the Hub", _hub_search_args, _hub_search),
     "doctor": Command("print versions and check that pelthub is exact on them (non-zero exit if not)",

@@ -3,21 +3,27 @@
 Modules are ordinary parameters, so any loop (or `transformers.Trainer`)
 works; this one exists so the README, examples and demo stay short. Mixed-task
 data is given as {task name: examples}; each batch then mixes tasks and
-carries `task_ids`.
+carries `task_ids`. Every entry point also takes a 🤗 `datasets.Dataset`, or a
+`DatasetDict` with ``split=``, with ``columns=`` when the usual names do not
+find them (`pelthub.tasks.as_examples`).
 """
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import ConfigError
-from .tasks import Example
+from .tasks import Example, from_datasets
 
-Data = Sequence[Example] | Mapping[str, Sequence[Example]]
+if TYPE_CHECKING:
+    import datasets
+
+Data = Union[Sequence[Example], Mapping[str, Sequence[Example]], "datasets.Dataset", "datasets.DatasetDict"]
+Columns = Mapping[str, Union[str, None]]
 
 
 def param_groups(model: nn.Module, lr: float, lr_routing: float | None = None, weight_decay: float = 0.0,
@@ -98,12 +104,13 @@ def batches(data: Data, tokenizer: Any, batch_size: int, task_names: Sequence[st
 
 def fit(model: nn.Module, data: Data, tokenizer: Any, steps: int = 100, batch_size: int = 32, lr: float = 1e-3,
         lr_routing: float | None = None, weight_decay: float = 0.0, seed: int = 0, max_length: int = 64,
-        progress: bool | str = True) -> list[float]:
+        progress: bool | str = True, *, split: str | None = None, columns: Columns | None = None) -> list[float]:
     """Train the trainable parameters of `model` for `steps` AdamW steps; returns the losses.
 
     Learning rates per group as in `param_groups`: routing logits and prefix MLPs get
     their own defaults relative to `lr` unless `lr_routing` is given.
     """
+    data = from_datasets(data, split, columns)
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(param_groups(model, lr, lr_routing, weight_decay))
@@ -125,8 +132,10 @@ def fit(model: nn.Module, data: Data, tokenizer: Any, steps: int = 100, batch_si
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: Data, tokenizer: Any, batch_size: int = 64, max_length: int = 64) -> float:
+def accuracy(model: nn.Module, data: Data, tokenizer: Any, batch_size: int = 64, max_length: int = 64, *,
+             split: str | None = None, columns: Columns | None = None) -> float:
     """Share of examples whose argmax logit is the label."""
+    data = from_datasets(data, split, columns)
     model.eval()
     device = next(model.parameters()).device
     right = total = 0
@@ -140,9 +149,10 @@ def accuracy(model: nn.Module, data: Data, tokenizer: Any, batch_size: int = 64,
 
 
 @torch.no_grad()
-def probabilities(model: nn.Module, data: Data, tokenizer: Any, batch_size: int = 64,
-                  max_length: int = 64) -> torch.Tensor:
+def probabilities(model: nn.Module, data: Data, tokenizer: Any, batch_size: int = 64, max_length: int = 64, *,
+                  split: str | None = None, columns: Columns | None = None) -> torch.Tensor:
     """(n, labels) softmax of `model`'s logits on `data`, in order (fp32, CPU; no training)."""
+    data = from_datasets(data, split, columns)
     model.eval()
     device = next(model.parameters()).device
     out = [model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits.float().softmax(-1).cpu()
@@ -152,8 +162,10 @@ def probabilities(model: nn.Module, data: Data, tokenizer: Any, batch_size: int 
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, data: Data, tokenizer: Any, batch_size: int = 64, max_length: int = 64) -> float:
+def mean_loss(model: nn.Module, data: Data, tokenizer: Any, batch_size: int = 64, max_length: int = 64, *,
+              split: str | None = None, columns: Columns | None = None) -> float:
     """Average cross-entropy of `model` on `data` (no training)."""
+    data = from_datasets(data, split, columns)
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0

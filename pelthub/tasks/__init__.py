@@ -3,20 +3,26 @@
 `load_task` gives deterministic, offline tasks grouped into families of
 related tasks (see `families`), so transfer between modules can be tested and
 benchmarked anywhere. `load_jsonl` / `load_csv` read user data into the same
-`Example` rows, and `save_jsonl` writes them back.
+`Example` rows, and `save_jsonl` writes them back. `as_examples` turns a 🤗
+`datasets.Dataset` (or a `DatasetDict` split) into them, `load_examples` reads
+any of these from a path, and `as_task` makes a `Task` of a `DatasetDict`.
 """
 from __future__ import annotations
 
 import random
 import zlib
 from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from pelthub.errors import ConfigError
-from pelthub.tasks.io import Example, load_csv, load_jsonl, save_jsonl
+from pelthub.errors import ConfigError, DataError
+from pelthub.tasks.hf import Examples, as_examples, from_datasets, is_dataset_dict, load_examples
+from pelthub.tasks.io import MAX_LABELS, Example, load_csv, load_jsonl, save_jsonl
 from pelthub.tasks.suite import SPECS
 
-__all__ = ["Example", "Task", "families", "list_tasks", "load_csv", "load_jsonl", "load_task", "save_jsonl"]
+__all__ = ["Example", "Examples", "MAX_LABELS", "Task", "as_examples", "as_task", "families", "from_datasets",
+           "list_tasks", "load_csv", "load_examples", "load_jsonl", "load_task", "save_jsonl"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,41 @@ class Task:
         for split in ("train", "dev", "test"):
             save_jsonl(getattr(self, split), out / f"{split}.jsonl")
         return out
+
+    def sample(self, n_train: int | None = None, n_dev: int | None = None, n_test: int | None = None,
+               seed: int = 0) -> Task:
+        """This task with at most n examples of each split (None: all), drawn by a shuffle seeded as in
+        `load_task` (crc32 of name and seed), so a few-shot draw is the same on any machine."""
+        rng = random.Random(zlib.crc32(f"{self.name}:sample:{seed}".encode()))
+        parts = []
+        for rows, n in ((self.train, n_train), (self.dev, n_dev), (self.test, n_test)):
+            rows = list(rows)
+            rng.shuffle(rows)
+            parts.append(tuple(rows if n is None else rows[:n]))
+        return Task(self.name, self.family, self.label_names, *parts)
+
+
+def as_task(data: Any, name: str, family: str | None = None,
+            splits: Sequence[str] = ("train", "validation", "test"),
+            columns: Mapping[str, str | None] | None = None) -> Task:
+    """A `Task` of a 🤗 `DatasetDict` whose `splits` name its train, dev and test splits.
+
+    Only the train split must exist (a missing dev or test split gives an empty one); all
+    three share the train split's label numbering. `family` (default: `name`) groups
+    related tasks for the transfer study.
+    """
+    if not is_dataset_dict(data):
+        raise DataError(f"as_task needs a DatasetDict of splits, got {type(data).__name__}; split a Dataset "
+                        "first, e.g. data.train_test_split(test_size=0.2, seed=0)")
+    train_split, dev_split, test_split = splits
+    train = as_examples(data, train_split, columns)
+    if not train:
+        raise DataError(f"split {train_split!r} is empty; a task needs training examples")
+    names = train.label_names
+    dev, test = (as_examples(data, s, columns, label_names=names) if s in data else () for s in (dev_split, test_split))
+    if names is None:
+        names = tuple(str(i) for i in range(max(e.label for e in (*train, *dev, *test)) + 1))
+    return Task(name, family or name, tuple(names), tuple(train), tuple(dev), tuple(test))
 
 
 def families() -> dict[str, list[str]]:

@@ -15,7 +15,10 @@ id or a label name:
   may then not mix names and integers, since the numbering would be ambiguous.
 
 In CSV every value is a string, so a label such as ``"2"`` that is not itself
-one of ``label_names`` is read as the integer 2.
+one of ``label_names`` is read as the integer 2. Label ids must be below `MAX_LABELS`.
+
+Only regular files are read (a FIFO or /dev/zero would block or never end), and
+``max_bytes`` bounds their size where the caller sets it (the CLI does).
 """
 from __future__ import annotations
 
@@ -24,15 +27,23 @@ import csv
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
 from pelthub.errors import DataError
 
 _INT_RE = re.compile(r"[+-]?\d+")
+
+# A head is a dense (hidden × labels) layer: at 100,000 labels and hidden size 768 it already
+# holds 77 M parameters, far past any parameter-efficient setting, and one-hot label matrices
+# (LEEP) grow with it. An id beyond it is a row id or a hash in the label column, not a class,
+# and would allocate gigabytes before anything else went wrong.
+MAX_LABELS = 100_000
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,9 @@ class _LabelReader:
     def _int(self, value: int) -> int:
         if value < 0:
             raise _BadRow(f"negative label {value}; label ids start at 0")
+        if value >= MAX_LABELS:
+            raise _BadRow(f"label {value} is not below the maximum of {MAX_LABELS:,} classes; is this column a "
+                          "row id rather than a label?")
         if self.names is not None and value >= len(self.names):
             raise _BadRow(f"label {value} is out of range for {len(self.names)} label names {self.names}")
         if self.names is None and self.numbered:
@@ -112,20 +126,45 @@ def _fail(path: Path, line: int, problem: str) -> DataError:
     return DataError(f"{path}, line {line}: {problem}")
 
 
-def _read_text(path: Path) -> str:
+def open_regular(path: Path, max_bytes: int | None = None) -> int:
+    """A read-only fd of `path`, refused with DataError unless it is a regular file of at most `max_bytes`.
+
+    Opened non-blocking and checked with fstat on the open fd: open() on a FIFO blocks until a
+    writer comes, /dev/zero never ends, and a check made before opening races a swap.
+    """
     try:
-        return path.read_text(encoding="utf-8-sig")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise DataError(f"{path}: cannot open ({e.strerror})") from None
+    info = os.fstat(fd)
+    problem = "is not a regular file (a device, FIFO or socket)" if not stat.S_ISREG(info.st_mode) else \
+        f"is {info.st_size:,} bytes, over the {max_bytes:,}-byte maximum" \
+        if max_bytes is not None and info.st_size > max_bytes else None
+    if problem:
+        os.close(fd)
+        raise DataError(f"{path} {problem}; give a JSONL or CSV file or a saved dataset folder")
+    return fd
+
+
+def _read_text(path: Path, max_bytes: int | None) -> str:
+    with open(open_regular(path, max_bytes), "rb") as f:
+        raw = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(raw) > max_bytes:  # it grew after the check
+        raise DataError(f"{path} is over the {max_bytes:,}-byte maximum")
+    try:
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
-def load_jsonl(path: str | os.PathLike[str], label_names: Sequence[str] | None = None) -> list[Example]:
+def load_jsonl(path: str | os.PathLike[str], label_names: Sequence[str] | None = None,
+               max_bytes: int | None = None) -> list[Example]:
     """Read one JSON object per line; blank lines are skipped, anything else must be a valid row."""
     path = Path(path)
     labels = _LabelReader(label_names)
     examples = []
     # split on "\n" only: str.splitlines would also break at U+2028 inside JSON strings
-    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+    for number, line in enumerate(_read_text(path, max_bytes).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -143,29 +182,26 @@ def load_jsonl(path: str | os.PathLike[str], label_names: Sequence[str] | None =
     return examples
 
 
-def load_csv(path: str | os.PathLike[str], label_names: Sequence[str] | None = None) -> list[Example]:
+def load_csv(path: str | os.PathLike[str], label_names: Sequence[str] | None = None,
+             max_bytes: int | None = None) -> list[Example]:
     """Read a CSV file whose header names the columns ``text``, ``label`` and optionally ``text_pair``."""
     path = Path(path)
     labels = _LabelReader(label_names)
     examples = []
-    try:
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames:
-                raise DataError(f"{path}: the file is empty; expected a header row with 'text' and 'label'")
-            reader.fieldnames = [name.strip() for name in reader.fieldnames]
-            for column in ("text", "label"):
-                if column not in reader.fieldnames:
-                    raise _fail(path, 1, f"missing column {column!r}; the header has {reader.fieldnames}")
-            for row in reader:
-                try:
-                    if None in row:
-                        raise _BadRow(f"more fields than the {len(reader.fieldnames)} header columns")
-                    examples.append(_example(row, labels))
-                except _BadRow as e:
-                    raise _fail(path, reader.line_num, str(e)) from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    reader = csv.DictReader(StringIO(_read_text(path, max_bytes), newline=""))
+    if not reader.fieldnames:
+        raise DataError(f"{path}: the file is empty; expected a header row with 'text' and 'label'")
+    reader.fieldnames = [name.strip() for name in reader.fieldnames]
+    for column in ("text", "label"):
+        if column not in reader.fieldnames:
+            raise _fail(path, 1, f"missing column {column!r}; the header has {reader.fieldnames}")
+    for row in reader:
+        try:
+            if None in row:
+                raise _BadRow(f"more fields than the {len(reader.fieldnames)} header columns")
+            examples.append(_example(row, labels))
+        except _BadRow as e:
+            raise _fail(path, reader.line_num, str(e)) from None
     if not examples:
         raise DataError(f"{path}: no rows below the header")
     return examples

@@ -1,6 +1,11 @@
 """`pelthub rank`: rank the registry's soft prompts for a new task's data.
 
-    pelthub rank --base MODEL --target data.jsonl [--metric adjusted_leep] [--top 5] [--json]
+    pelthub rank --base MODEL --target DATA [--split S] [--column ROLE=NAME] [--metric adjusted_leep] [--top 5] [--json]
+
+DATA is a .jsonl or .csv file (fields text, label, optional text_pair) or a folder written by
+`Dataset.save_to_disk` / `DatasetDict.save_to_disk` (with --split; columns found by name or set
+with --column text=... --column label=...). Anything else is refused before it is read: devices
+such as /dev/zero, FIFOs, other folders, and inputs over `MAX_DATA_BYTES` (256 MiB).
 
 Wiring: `pelthub.cli` registers `Command(help, add_arguments, run)`; its common
 options supply `args.registry` (registry directory) and `args.json`. The base
@@ -14,8 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import ConfigError
-from ..tasks import load_jsonl
+from ..errors import ConfigError, DataError
+from ..tasks import load_examples
+from ..tasks.hf import ROLES
 from .rank import METRICS, rank_sources
 
 
@@ -32,10 +38,27 @@ def _layers(text: str | None) -> slice | list[int] | None:
         raise ConfigError(f"--layers {text!r}: give START:STOP (e.g. 3:6 or -2:) or a comma list (e.g. 4,5)") from None
 
 
+def _columns(pairs: list[str]) -> dict[str, str | None] | None:
+    """["text=sentence", "text_pair="] → {"text": "sentence", "text_pair": None}; None when none given."""
+    out: dict[str, str | None] = {}
+    for pair in pairs:
+        role, eq, name = pair.partition("=")
+        if not eq or role not in ROLES:
+            raise DataError(f"--column {pair!r}: give ROLE=NAME with ROLE one of {', '.join(ROLES)} "
+                            "(an empty NAME: no text_pair)")
+        out[role] = name or None
+    return out or None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="base model: a local path or a Hugging Face Hub id")
-    p.add_argument("--target", required=True, metavar="DATA.jsonl",
-                   help="labelled examples of the new task (fields text, label, optional text_pair)")
+    p.add_argument("--target", required=True, metavar="DATA",
+                   help="labelled examples of the new task: a .jsonl or .csv file (fields text, label, optional "
+                        "text_pair) or a folder written by Dataset.save_to_disk")
+    p.add_argument("--split", default=None, help="the split to read from a saved DatasetDict folder")
+    p.add_argument("--column", action="append", default=[], metavar="ROLE=NAME",
+                   help="which column of a saved dataset is the text, text_pair or label (repeat); default: "
+                        "found by the usual names")
     p.add_argument("--metric", default="adjusted_leep", choices=METRICS,
                    help="transferability metric (default: adjusted_leep, chosen by the transfer study; it reads each "
                         "source's own head, so entries saved without one need --metric zero_shot)")
@@ -53,13 +76,14 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from ..registry import Registry
-    data = load_jsonl(args.target)
+    data = load_examples(args.target, args.split, _columns(args.column))
     if not data:
-        raise ConfigError(f"{args.target} holds no examples")
+        raise DataError(f"{args.target} holds no examples")
     if args.top is not None and args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
     tokenizer = AutoTokenizer.from_pretrained(args.base)
-    base = AutoModelForSequenceClassification.from_pretrained(args.base, num_labels=max(e.label for e in data) + 1)
+    labels = max(len(data.label_names or ()), max(e.label for e in data) + 1)
+    base = AutoModelForSequenceClassification.from_pretrained(args.base, num_labels=labels)
     reg = Registry(getattr(args, "registry", None))
     refs = args.source or [c.ref for c in reg.search(kind="prompt", base_model=base)]
     if not refs:

@@ -44,6 +44,10 @@ target labels permuted (π_1..π_P, fixed seed):
 
     adjusted_leep = leep(θ, y) − (1/P) Σ_p leep(θ, y∘π_p)          ≈ 0 for an unrelated source
 
+Both depend on the target labels only through which examples share one, so the ids are
+renumbered 0..K−1 (K ≤ n distinct labels) before the one-hot (P, n, K) is built; ids must be
+integers in [0, `MAX_LABELS`), checked first, so a stray huge id is an error, not an allocation.
+
 Every prompt metric here is symmetric and gives 1 for a prompt with itself, except the
 raw cosine_tokens; `zero_shot` (in `rank`) and the leeps are directional. `score_matrix`
 computes any prompt or activation metric for all pairs of two lists at once.
@@ -55,7 +59,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
+from ..tasks import MAX_LABELS
 
 Layers = Sequence[int] | slice | None
 Prompts = torch.Tensor | Sequence[torch.Tensor]
@@ -165,7 +170,8 @@ def activation_cosine(a: torch.Tensor, b: torch.Tensor, layers: Layers = None) -
 
 def _leeps(p: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """LEEP (formula above) of probabilities p (n, Z) for each row of labels (P, n): (P,)."""
-    one_hot = F.one_hot(labels, int(labels.max()) + 1).to(p.dtype)                  # (P, n, Y)
+    names, labels = torch.unique(labels, return_inverse=True)                        # ids 0..K-1, K ≤ n
+    one_hot = F.one_hot(labels, len(names)).to(p.dtype)                              # (P, n, K)
     joint = torch.einsum("pny,nz->pyz", one_hot, p) / p.shape[0]                    # P̂(y, z)
     given = joint / joint.sum(1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)  # P̂(y | z)
     expected = torch.einsum("nz,pyz->pny", p, given).gather(2, labels[..., None]).squeeze(2)
@@ -176,6 +182,11 @@ def _checked(probs: torch.Tensor, labels: torch.Tensor, what: str) -> torch.Tens
     if probs.dim() != 2 or labels.shape != probs.shape[:1] or len(labels) == 0:
         raise ConfigError(f"{what} needs probabilities (n, Z) and n labels, got {tuple(probs.shape)} and "
                           f"{tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise DataError(f"{what} needs integer label ids, got a {labels.dtype} tensor")
+    if int(labels.min()) < 0 or int(labels.max()) >= MAX_LABELS:
+        raise DataError(f"{what}: label ids must lie in [0, {MAX_LABELS:,}), got {int(labels.min())}.."
+                        f"{int(labels.max())}; is the label column a row id?")
     return probs.double()
 
 

@@ -32,7 +32,7 @@ from ..model.io import base_model_info, check_compatible
 from ..model.modular import ModularModel
 from ..modules.prompt import Prompt, PromptModule
 from ..registry import Ranking, require_registry
-from ..tasks import Example
+from ..tasks import Example, as_examples
 from ..training import fit, mean_loss, probabilities
 from .activations import prompt_activations
 from .methods import prompt_module, prompt_tensor
@@ -137,11 +137,12 @@ def _filler(tokenizer: Any) -> int | None:
     return None
 
 
-def rank_sources(base: nn.Module, target_data: Sequence[Example], candidates: Any, metric: str = "adjusted_leep", *,
+def rank_sources(base: nn.Module, target_data: Any, candidates: Any, metric: str = "adjusted_leep", *,
                  tokenizer: Any = None, target: ModularModel | Prompt | None = None, target_steps: int = 50,
                  batch_size: int = 16, lr: float = 0.03, layers: Layers = None, position: str = "filler",
                  registry: Any = None, eval_examples: int = 128, chunk: int = 64, seed: int = 0,
-                 target_seeds: int = 1, max_length: int = 64, progress: bool = False) -> Ranking:
+                 target_seeds: int = 1, max_length: int = 64, progress: bool = False, split: str | None = None,
+                 columns: Mapping[str, str | None] | None = None) -> Ranking:
     """Score every candidate source prompt for the target task and sort them, best first.
 
     metric: "adjusted_leep" by default, chosen by measurement on real MiniLM. In the full transfer
@@ -158,7 +159,9 @@ def rank_sources(base: nn.Module, target_data: Sequence[Example], candidates: An
     another prompt metric.
 
     base: the plain sequence-classification model (its head's label count fits
-    `target_data`). candidates: a list or {name: candidate} mapping of (L, d)
+    `target_data`). target_data: a list of `Example`, a 🤗 `datasets.Dataset`, or a
+    `DatasetDict` with `split=` (columns found by name or given as `columns=`, see
+    `pelthub.tasks.as_examples`; label ids must be below `MAX_LABELS`). candidates: a list or {name: candidate} mapping of (L, d)
     tensors, PromptModules, ModularModels holding one prompt, registry refs
     or cards (refs and cards are loaded through `registry=`, which they
     need). Candidates trained on another architecture, of
@@ -180,6 +183,7 @@ def rank_sources(base: nn.Module, target_data: Sequence[Example], candidates: An
         raise ConfigError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
     if isinstance(base, ModularModel):
         raise ConfigError("rank_sources takes the plain base model; pass model.base (with no modules attached)")
+    target_data = as_examples(target_data, split, columns)
     if not target_data:
         raise ConfigError("target_data is empty: give labelled examples of the target task")
     if not isinstance(target_steps, int) or target_steps < 1:
