@@ -313,11 +313,12 @@ class ModularModel(nn.Module):
         """
         with self.bind(task_ids, attention_mask, input_ids.shape[0]) as state:
             state.selected = selected_ids(self, adapter_names, input_ids.shape[0])
+            if state.bare:  # with generate's default mask: every token counts
+                mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+                return self.base.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
             return generate(self, state, input_ids, attention_mask, **kwargs)
 
     # ----- gradient (activation) checkpointing -----
-            if state.bare:
-                return self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
         """Checkpoint the base's layers; the recomputed forward sees the same call state (task ids, masks).
 

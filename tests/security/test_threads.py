@@ -183,15 +183,15 @@ def test_disable_adapter_runs_the_bare_base_for_every_kind_and_only_inside_the_b
 
 
 def test_disable_adapter_generates_with_the_bare_base():
-    ids = tiny.batch("gpt2", b=2)["input_ids"]
-    settings = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
+    inputs = tiny.batch("gpt2", b=2)
+    settings = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, **inputs}
     with torch.no_grad():
-        bare = tiny.gpt2().generate(ids, attention_mask=torch.ones_like(ids), **settings)
+        bare = tiny.gpt2().generate(**settings)
     model = ph.attach(tiny.gpt2(), ph.Prompt(length=3), ph.LoRA(r=2))
     tiny.perturb(model.eval(), scale=1.0)
-    assert not torch.equal(model.generate(ids, **settings), bare)
+    assert not torch.equal(model.generate(**settings), bare)
     with model.disable_adapter():
-        torch.testing.assert_close(model.generate(ids, **settings), bare, rtol=0, atol=0)
+        torch.testing.assert_close(model.generate(**settings), bare, rtol=0, atol=0)
 
 
 # ----- ids: integers (or names) in range, never truncated -----
