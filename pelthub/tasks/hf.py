@@ -230,6 +230,7 @@ def load_examples(path: str | os.PathLike[str], split: str | None = None,
     loader = {".jsonl": load_jsonl, ".json": load_jsonl, ".ndjson": load_jsonl, ".csv": load_csv}.get(
         path.suffix.lower())
     if loader is None:
+        os.close(open_regular(path, max_bytes))  # a device or FIFO is named as such, whatever its name
         raise DataError(f"{path}: unknown format {path.suffix or '(no suffix)'}; give a .jsonl or .csv file or a "
                         "folder written by Dataset.save_to_disk")
     return as_examples(loader(path, label_names, max_bytes), label_names=label_names)
