@@ -21,7 +21,13 @@ per-family table, so a family pelthub has never seen is adapted the same way:
   sit on the block itself or in separate children (OPT/BART `fc1`/`fc2`,
   BERT `intermediate`/`output`), `ffn_in` is the block child holding `up`
   and `ffn_out` is `down` itself, whose output is the FFN output before the
-  residual and layer norm.
+  residual and layer norm. A fused GLU projection (ModernBERT's `Wi`, Phi-3's
+  `gate_up_proj`: twice the width `down` reads) is the `up`;
+- *experts*: a mixture-of-experts block keeps its experts as fused 3-D
+  parameters (transformers 5: `gate_up_proj` [E, 2I, d], `down_proj`
+  [E, d, I]), which are no modules, so they are parameter sites (`experts`,
+  roles `up` and `down`) and the MoE block holding them (the router beside
+  them) is `ffn_in` and `ffn_out`.
 
 Models with no such blocks fall back to common name patterns. A config
 target that is not a role is read as a module-name suffix, so any model can
@@ -136,8 +142,9 @@ def _attention(parent: str, kids: dict[str, tuple[int, int]], d: int, width: int
     """The attention whose projections are `parent`'s linear children, if they are one."""
     from_hidden = [n for n, (i, _) in kids.items() if i == d]
     reads = {i for i, _ in kids.values()}
+    # a fused qkv's sibling `o` reads the attention width (a fused GLU's `down` reads half its output)
     fused = [n for n in from_hidden if kids[n][1] > width and (kids[n][1] - width) % (2 * head_dim) == 0
-             and kids[n][1] not in reads and any(o == d for _, o in kids.values())]
+             and kids[n][1] not in reads and any(dims == (width, d) for dims in kids.values())]
     if fused:
         projections = {"qkv": fused[0]}
     elif len(from_hidden) >= 3:
@@ -162,6 +169,25 @@ def _attention(parent: str, kids: dict[str, tuple[int, int]], d: int, width: int
     return _Attention(parent, parent, projections, None)
 
 
+def block_experts(block: str, names: dict[str, nn.Module], d: int) -> dict[str, list[str]]:
+    """Role (up, down) → the fused 3-D expert parameters inside one block, in nn.Linear layout [E, out, in].
+
+    `down` is [E, d, I]; `up` is a sibling [E, I or 2I, d] (2I: gate and up fused) with the same E.
+    """
+    found: dict[str, list[str]] = {"up": [], "down": []}
+    for name, module in names.items():
+        if not name.startswith(block + "."):
+            continue
+        params = {p: t.shape for p, t in module.named_parameters(recurse=False) if t.dim() == 3}
+        downs = [p for p, (e, o, i) in params.items() if o == d and i != d]
+        ups = [p for p, (e, o, i) in params.items() if i == d and p not in downs
+               and any(params[x][0] == e and o in (params[x][2], 2 * params[x][2]) for x in downs)]
+        if ups:
+            found["up"] += [f"{name}.{p}" for p in ups]
+            found["down"] += [f"{name}.{p}" for p in downs]
+    return found
+
+
 def block_roles(block: str, names: dict[str, nn.Module], d: int, width: int, head_dim: int) -> dict[str, list[str]]:
     """Role → module names inside one block (see the module docstring for the rules)."""
     linears = {n: linear_dims(m) for n, m in names.items() if n.startswith(block + ".") and is_linear(m)}
@@ -183,12 +209,13 @@ def block_roles(block: str, names: dict[str, nn.Module], d: int, width: int, hea
         roles["attn"].append(attentions[0].container)
     rest = {n: dims for n, dims in linears.items() if not any(_within(n, a.region) for a in attentions)}
     downs = [n for n, (i, o) in rest.items() if o == d and i != d
-             and any(dims == (d, i) for dims in rest.values())]
-    ins = [n for n, (i, o) in rest.items() if i == d and any(rest[x][0] == o for x in downs)]
+             and any(dims in ((d, i), (d, 2 * i)) for dims in rest.values())]
+    ins = [n for n, (i, o) in rest.items() if i == d and any(o in (rest[x][0], 2 * rest[x][0]) for x in downs)]
     gates = [n for n in ins if _NAMED["gate"].fullmatch(_last(n))] if len(ins) > len(downs) else []
     roles["gate"], roles["up"], roles["down"] = gates, [n for n in ins if n not in gates], downs
-    if downs:
-        mlp = _common_scope(ins + downs)
+    experts = [_parent(_parent(n)) for n in block_experts(block, names, d)["down"]]  # the MoE blocks
+    if downs or experts:
+        mlp = _common_scope(ins + downs + experts)
         if mlp != block:
             roles["ffn_in"] = roles["ffn_out"] = [mlp]
         else:
@@ -224,6 +251,7 @@ class Sites:
         hidden, heads = self._sizes()
         head_dim = _config_value(config, "head_dim", "d_kv", default=hidden // heads)
         self.by_role = self._derive(hidden, heads * head_dim, head_dim)
+        self.experts = self._derive_experts(hidden)
         self.geometry = self._geometry(hidden, heads, head_dim)
 
     def _sizes(self) -> tuple[int, int]:
@@ -247,6 +275,14 @@ class Sites:
         for block in (b for stack in self.stacks for b in stack):
             for role, found in block_roles(block, self.names, hidden, width, head_dim).items():
                 out[role] += found
+        return {role: found for role, found in out.items() if found}
+
+    def _derive_experts(self, hidden: int) -> dict[str, list[str]]:
+        """Role (up, down) → fused 3-D expert parameter names (`module.param`), from the blocks."""
+        out: dict[str, list[str]] = {}
+        for block in (b for stack in self.stacks for b in stack):
+            for role, found in block_experts(block, self.names, hidden).items():
+                out.setdefault(role, []).extend(found)
         return {role: found for role, found in out.items() if found}
 
     def _geometry(self, hidden: int, heads: int, head_dim: int) -> Geometry:
@@ -288,7 +324,8 @@ class Sites:
 
     def describe(self) -> str:
         """The roles found, with a count and one example each, for error messages."""
-        found = ", ".join(f"{r} ×{len(n)} (e.g. {n[0]})" for r, n in self.by_role.items())
+        found = ", ".join([f"{r} ×{len(n)} (e.g. {n[0]})" for r, n in self.by_role.items()] +
+                          [f"expert {r} ×{len(n)} (e.g. {n[0]})" for r, n in self.experts.items()])
         stacks = [_parent(s[0]) or "<root>" for s in self.stacks]
         return f"repeated blocks at {stacks or 'none found'}; roles found: {found or 'none'}"
 
@@ -300,9 +337,17 @@ class Sites:
             found = [n for n in found if is_linear(self.names[n])]
         return found
 
-    def resolve(self, targets: tuple[str, ...], linear: bool = False, what: str = "module") -> dict[str, list[str]]:
-        """Map each target to its module names, or fail listing what exists."""
-        resolved = {t: self.find(t, linear) for t in targets}
+    def find_experts(self, target: str) -> list[str]:
+        """Fused 3-D expert parameter names for a role (up, down) or a parameter-name suffix."""
+        if target in ROLES:
+            return list(self.experts.get(target, []))
+        return [n for found in self.experts.values() for n in found if n == target or n.endswith("." + target)]
+
+    def resolve(self, targets: tuple[str, ...], linear: bool = False, what: str = "module",
+                experts: bool = False) -> dict[str, list[str]]:
+        """Map each target to its module names (and, with `experts`, fused expert parameter names: see
+        `find_experts`), or fail listing what exists."""
+        resolved = {t: self.find(t, linear) + (self.find_experts(t) if experts else []) for t in targets}
         missing = [t for t, names in resolved.items() if not names]
         if missing:
             suffixes = sorted({".".join(n.split(".")[-2:]) for n, m in self.names.items() if is_linear(m)})

@@ -1,6 +1,7 @@
 """Sites derived from structure on every family: the right modules, exact attach, exact detach.
 
-Every family is a tiny model built from its config (pelthub.tiny.FAMILIES). The expected
+Every family is a tiny model built from its config (pelthub.tiny.FAMILIES, and the vision,
+speech, mixture-of-experts and fused-FFN families of tests/tiny_more.py). The expected
 sites are written out by hand per family below, so a derivation that picks another module
 fails; identity is checked against the untouched base's own outputs.
 """
@@ -14,10 +15,10 @@ import pelthub as ph
 from pelthub.errors import UnsupportedModelError
 from pelthub.modules.bottleneck import AdapterLayer
 from pelthub.sites import Sites
-from tests import tiny
+from tests import tiny, tiny_more
 from tests.test_modules import WEIGHT_KINDS
 
-FAMILIES = list(tiny.FAMILIES)
+FAMILIES = [*tiny.FAMILIES, *tiny_more.SPECS]
 TASKS = ("a", "b")
 # Kinds whose fresh module is the identity (LoRA B = 0, adapter up = 0, IA3 = 1, LN Δ = 0, Poly B = 0).
 IDENTITY_KINDS = {
@@ -33,7 +34,8 @@ PREFIX_KINDS = {
 }
 OTHER_KINDS = {"prompt": ph.Prompt(length=4), **PREFIX_KINDS}
 ALL_KINDS = {**IDENTITY_KINDS, **OTHER_KINDS}
-NO_CACHE = {"distilbert", "deberta-v2", "mpnet"}  # attention forwards that take no key/value cache
+# attention forwards that take no key/value cache
+NO_CACHE = {"distilbert", "deberta-v2", "mpnet", "vit", "deit", "clip-vision", "modernbert"}
 
 
 def _block(prefix, roles):
@@ -58,6 +60,12 @@ def _llama_like(prefix, o="o_proj", mlp=("up_proj", "gate_proj", "down_proj")):
 def _fused(prefix, attn, o="dense"):
     return _block(prefix, {"qkv": f"{attn}.query_key_value", "o": f"{attn}.{o}", "up": "mlp.dense_h_to_4h",
                            "down": "mlp.dense_4h_to_h", "attn": attn, "ffn_in": "mlp", "ffn_out": "mlp"})
+
+
+def _vit_like(prefix):
+    return _block(prefix, {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj",
+                           "o": "attention.o_proj", "up": "mlp.fc1", "down": "mlp.fc2", "attn": "attention",
+                           "ffn_in": "mlp", "ffn_out": "mlp"})
 
 
 def _merge(*tables):
@@ -113,7 +121,28 @@ PER_LAYER = {
     "bart": lambda i: _merge(_bart_layer(f"model.encoder.layers.{i}", False),
                              _bart_layer(f"model.decoder.layers.{i}", True)),
     "t5": lambda i: _merge(_t5_block(f"encoder.block.{i}", False), _t5_block(f"decoder.block.{i}", True)),
+    "vit": lambda i: _vit_like(f"vit.layers.{i}"),
+    "deit": lambda i: _vit_like(f"deit.layers.{i}"),
+    "clip-vision": lambda i: _block(f"encoder.layers.{i}", {
+        "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj",
+        "up": "mlp.fc1", "down": "mlp.fc2", "attn": "self_attn", "ffn_in": "mlp", "ffn_out": "mlp"}),
+    "whisper": lambda i: _merge(_bart_layer(f"model.encoder.layers.{i}", False),
+                                _bart_layer(f"model.decoder.layers.{i}", True)),
+    # the experts are fused 3-D parameters (EXPERTS below): the MoE block is the FFN
+    "mixtral": lambda i: _block(f"model.layers.{i}", {
+        "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+        "attn": "self_attn", "ffn_in": "mlp", "ffn_out": "mlp"}),
+    # fused GLU input projections (gate and up in one linear) are the `up`
+    "modernbert": lambda i: _block(f"model.layers.{i}", {
+        "qkv": "attn.Wqkv", "o": "attn.Wo", "up": "mlp.Wi", "down": "mlp.Wo", "attn": "attn", "ffn_in": "mlp",
+        "ffn_out": "mlp"}),
+    "phi3": lambda i: _block(f"model.layers.{i}", {
+        "qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj", "up": "mlp.gate_up_proj", "down": "mlp.down_proj",
+        "attn": "self_attn", "ffn_in": "mlp", "ffn_out": "mlp"}),
 }
+# family → the fused expert parameters per role (the other families have none)
+EXPERTS = {"mixtral": {"up": [f"model.layers.{i}.mlp.experts.gate_up_proj" for i in range(2)],
+                       "down": [f"model.layers.{i}.mlp.experts.down_proj" for i in range(2)]}}
 
 
 def expected_sites(family):
@@ -122,7 +151,7 @@ def expected_sites(family):
 
 def run(model, inputs, **kw):
     with torch.no_grad():
-        return model(**inputs, **kw).logits
+        return tiny_more.output(model(**inputs, **kw))
 
 
 _BASES: dict = {}
@@ -135,7 +164,9 @@ def shared(family):
     """
     base = _BASES.get(family, (None,))[0]
     if base is None or any(m._forward_hooks or m._forward_pre_hooks for m in base.modules()):
-        base, inputs = tiny.FAMILIES[family](), tiny.batch(family)
+        more = family in tiny_more.SPECS
+        base = tiny_more.family(family) if more else tiny.FAMILIES[family]()
+        inputs = (tiny_more.batch if more else tiny.batch)(family)
         _BASES[family] = (base, inputs, run(base, inputs))
     return _BASES[family]
 
@@ -157,6 +188,7 @@ def test_every_family_is_expected():
 def test_roles_resolve_to_the_right_modules(family):
     sites = Sites(shared(family)[0])
     assert {role: sorted(names) for role, names in sites.by_role.items()} == expected_sites(family)
+    assert sites.experts == EXPERTS.get(family, {})
 
 
 def test_deberta_position_projections_are_not_attention_roles():
@@ -182,13 +214,14 @@ def test_geometry_reads_key_value_heads_off_the_projections(family):
     g = Sites(shared(family)[0]).geometry
     # Falcon's tiny config is multi-query (one key/value head) though its config says 4
     assert (g.hidden, g.layers, g.head_dim) == (32, 2, 8)
-    assert g.kv_heads == {"falcon": 1, "llama": 2, "mistral": 2, "qwen2": 2, "qwen3": 2, "gemma": 2}.get(family, 4)
+    assert g.kv_heads == {"falcon": 1, "llama": 2, "mistral": 2, "qwen2": 2, "qwen3": 2, "gemma": 2, "mixtral": 2,
+                          "phi3": 2}.get(family, 4)
     assert g.decoder_only == (family in {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi", "opt",
-                                         "falcon", "gpt_neox"})
+                                         "falcon", "gpt_neox", "mixtral", "phi3"})
 
 
 def _kwargs(kind, inputs):
-    return {"task_ids": [0, 1, 0][:inputs["input_ids"].shape[0]]} if kind == "poly" else {}
+    return {"task_ids": [0, 1, 0][:next(iter(inputs.values())).shape[0]]} if kind == "poly" else {}
 
 
 def _config(family, kind):
@@ -231,7 +264,7 @@ def test_prompt_and_prefix_change_outputs_and_detach_is_exact(family, kind):
 @pytest.mark.parametrize("kind", list(PREFIX_KINDS))
 def test_prefix_is_refused_where_attention_takes_no_cache(family, kind):
     base = shared(family)[0]
-    with pytest.raises(UnsupportedModelError, match=r"takes no cache.*ph\.Prompt.*roles found: q ×2"):
+    with pytest.raises(UnsupportedModelError, match=r"takes no cache.*ph\.Prompt.*roles found: (q|qkv) ×2"):
         ph.attach(base, ALL_KINDS[kind])
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in base.modules())
 

@@ -284,16 +284,19 @@ class ModularModel(nn.Module):
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
-                task_ids: Any = None, adapter_names: Any = None, **kwargs: Any) -> Any:
+                task_ids: Any = None, adapter_names: Any = None, pixel_values: torch.Tensor | None = None,
+                input_features: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """The base model's forward with the modules applied; `task_ids` (names or indices) route per example,
         `adapter_names` (PEFT's name) runs each example with one module set alone (`pelthub.model.select`).
 
         The named arguments are the ones `transformers.Trainer` looks for in the signature
-        (it drops dataset columns the forward does not name); anything else passes through.
+        (it drops dataset columns the forward does not name), images and audio features
+        included; anything else passes through.
         """
         named = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
                  "position_ids": position_ids, "inputs_embeds": inputs_embeds, "labels": labels,
-                 "decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_attention_mask}
+                 "decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_attention_mask,
+                 "pixel_values": pixel_values, "input_features": input_features}
         kwargs.update({k: v for k, v in named.items() if v is not None})
         batch = _batch_size(kwargs)
         with self.bind(task_ids, kwargs.get("attention_mask"), batch) as state:
@@ -437,8 +440,12 @@ def _provides(module: nn.Module, method: str) -> bool:
     return module.provides(method) if isinstance(module, PeltModule) else False
 
 
+# What a model reads first: token ids or embeddings, images (ViT, CLIP), audio features (Whisper), waveforms.
+MAIN_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values")
+
+
 def _batch_size(kwargs: dict[str, Any]) -> int:
-    for key in ("input_ids", "inputs_embeds"):
+    for key in MAIN_INPUTS:
         if kwargs.get(key) is not None:
             return kwargs[key].shape[0]
-    raise ConfigError("pass input_ids or inputs_embeds")
+    raise ConfigError(f"pass one of {', '.join(MAIN_INPUTS)} (the model's input) to the call")

@@ -3,7 +3,8 @@
     y = W₀x + (α/r) · B · A · dropout(x),   A ∈ R^{r×in}, B ∈ R^{out×r}
 
 A is kaiming-uniform, B is zero, so a fresh LoRA leaves the model unchanged.
-Works on nn.Linear and GPT-2's Conv1D (weight [in, out], e.g. the fused c_attn).
+Works on nn.Linear and GPT-2's Conv1D (weight [in, out], e.g. the fused c_attn), and on a
+mixture-of-experts' fused 3-D expert weights: one update per expert (`modules.experts`).
 """
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..sites import Sites, linear_dims
 from .base import CallContext, Handle, PeltModule, fuse_into_output, is_conv1d, site_key, site_name
 from .config import ModuleConfig, positive_int, positive_number, probability, targets
+from .experts import ExpertLoRA, install_expert_update, merge_expert_update
 from .grouped import lora_single
 
 
@@ -47,10 +50,15 @@ class LoRA(ModuleConfig):
 
     def build(self, base: nn.Module, sites: Sites, **_: object) -> "LoRAModule":
         names = [n for found in sites.resolve(self.targets or sites.default_targets("lora"), linear=True,
-                                              what="LoRA").values() for n in found]
+                                              what="LoRA", experts=True).values() for n in found]
+        fused = [n for n in dict.fromkeys(names) if n not in sites.names]
+        if fused and self.dropout > 0:
+            raise ConfigError(f"LoRA(dropout={self.dropout}) cannot drop the inputs of fused expert weights "
+                              f"({fused[0]}, updated as weights, not hooked per input); use dropout=0 there")
         layers = {n: LoRALinear(*linear_dims(sites.names[n]), self.r, self.alpha, self.dropout)
-                  for n in dict.fromkeys(names)}
-        return LoRAModule(self, layers)
+                  for n in dict.fromkeys(names) if n in sites.names}
+        experts = {n: ExpertLoRA(*base.get_parameter(n).shape, self.r, self.alpha) for n in fused}
+        return LoRAModule(self, layers, experts)
 
 
 class LoRALinear(nn.Module):
@@ -78,13 +86,16 @@ class LoRALinear(nn.Module):
 
 
 class LoRAModule(PeltModule):
-    def __init__(self, config: LoRA, layers: dict[str, LoRALinear]):
+    def __init__(self, config: LoRA, layers: dict[str, LoRALinear], experts: dict[str, ExpertLoRA] | None = None):
         super().__init__()
         self.config = config
         self.layers = nn.ModuleDict({site_key(n): layer for n, layer in layers.items()})
+        self.experts = nn.ModuleDict({site_key(n): update for n, update in (experts or {}).items()})
 
     def install(self, base: nn.Module, ctx: CallContext) -> list[Handle]:
-        return [fuse_into_output(base.get_submodule(site_name(k)), layer.add_to, ctx) for k, layer in self.layers.items()]
+        return ([fuse_into_output(base.get_submodule(site_name(k)), layer.add_to, ctx)
+                 for k, layer in self.layers.items()] +
+                [install_expert_update(base, site_name(k), update, ctx) for k, update in self.experts.items()])
 
     @torch.no_grad()
     def merge_into(self, base: nn.Module) -> None:
@@ -92,6 +103,8 @@ class LoRAModule(PeltModule):
             target = base.get_submodule(site_name(key))
             delta = layer.delta_weight()
             target.weight += (delta.T if is_conv1d(target) else delta).to(target.weight.dtype)
+        for key, update in self.experts.items():
+            merge_expert_update(base, site_name(key), update)
 
 
 def top_right_singular(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
