@@ -16,8 +16,11 @@ retrying with back-off; they are also kept in ``LocalHub.errors``.
 It can also lie and fail on demand, for the security tests: ``lie(repo_id, sha=..., etag=...)``
 answers a hostile commit sha / ETag for a repo; ``fail(method, path_regex, status=...,
 hang=..., delay=...)`` makes matching requests answer an error status, never answer, or
-answer late; ``put_files`` commits files directly (e.g. a huge README, or hundreds of repos
-forming a parent chain) without going through the client.
+answer late; ``fail(..., location=...)`` redirects them, ``body=``/``headers=`` replace the
+answer's body or add headers (a Link to another host, a Content-Encoding), ``drip=`` sends the
+body one byte at a time; ``put_files`` commits files directly (e.g. a huge README, or hundreds
+of repos forming a parent chain) without going through the client. Every request's
+Authorization header is kept in ``authorizations``, to check where tokens went.
 """
 
 from __future__ import annotations
@@ -490,6 +493,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.query = parse_qs(url.query, keep_blank_values=True)
         self.body = self._read_body()
         hub.requests.append((self.command, url.path))
+        hub.authorizations.append((self.command, url.path, self.headers.get("Authorization")))
         fault = hub.fault_for(self.command, url.path)
         if fault is not None and fault.hang:
             hub.stopping.wait(fault.hang)  # never answer (until the hub stops or `hang` seconds pass)
@@ -498,7 +502,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None and fault.delay:
             time.sleep(fault.delay)
         try:
-            if fault is not None and fault.status:
+            if fault is not None and fault.status and fault.body is None:
                 raise HubError(fault.status, f"LocalHub fault: {self.command} {url.path} answers {fault.status}")
             for methods, pattern, fn in ROUTES:
                 match = pattern.fullmatch(url.path)
@@ -514,18 +518,40 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as err:  # a server bug: 400 so the client does not retry for ~20 s
             hub.errors.append(traceback.format_exc())
             status, headers, body = HubError(400, f"LocalHub internal error: {err!r}").response()
+        if fault is not None:
+            status, headers, body = fault.answer(status, headers, body, self.path)
         self.send_response(status)
         headers.setdefault("Content-Length", str(len(body)))
         for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command == "HEAD":
+            return
+        if fault is not None and fault.drip:
+            self._drip(body, fault.drip, hub.stopping)
+        else:
             self.wfile.write(body)
+
+    def _drip(self, body: bytes, every: float, stopping: threading.Event) -> None:
+        """Send `body` one byte per `every` seconds (until the client hangs up or the hub stops)."""
+        try:
+            for i in range(len(body)):
+                self.wfile.write(body[i:i + 1])
+                self.wfile.flush()
+                if stopping.wait(every):
+                    break
+        except OSError:
+            pass
+        self.close_connection = True
 
 
 @dataclass
 class Fault:
-    """Requests whose "METHOD path" matches ``pattern`` answer ``status``, wait ``delay`` s, or ``hang`` (s)."""
+    """Requests whose "METHOD path" matches ``pattern`` answer ``status``, wait ``delay`` s, or ``hang`` (s).
+
+    ``location``: answer 302 to it (``{path}`` stands for the request's path and query); ``body``: answer it
+    (status 200 unless ``status``); ``headers``: added to the answer; ``drip``: seconds between body bytes.
+    """
 
     method: str
     pattern: re.Pattern
@@ -533,6 +559,19 @@ class Fault:
     hang: float = 0.0
     delay: float = 0.0
     times: int | None = None  # None: every matching request
+    location: str | None = None
+    body: bytes | None = None
+    headers: dict = field(default_factory=dict)
+    drip: float = 0.0
+
+    def answer(self, status: int, headers: dict, body: bytes, path: str) -> tuple[int, dict, bytes]:
+        """The answer as this fault changes it (the route's answer comes in)."""
+        if self.location is not None:
+            return 302, {"Location": self.location.replace("{path}", path), **self.headers}, b""
+        if self.body is not None:
+            status, headers, body = self.status or 200, {"Content-Type": "application/json"}, self.body
+        headers = {k: v for k, v in headers.items() if k != "Content-Length"}
+        return status, {**headers, **self.headers, "Content-Length": str(len(body))}, body
 
 
 class LocalHub:
@@ -544,6 +583,7 @@ class LocalHub:
         self.lfs: dict[str, bytes] = {}  # uploaded LFS objects by sha256
         self.errors: list[str] = []  # tracebacks of server bugs
         self.requests: list[tuple[str, str]] = []  # (method, path) log, for tests
+        self.authorizations: list[tuple[str, str, str | None]] = []  # (method, path, Authorization header)
         self.lock = threading.RLock()
         self.lies: dict[str, dict[str, str]] = {}  # repo_id -> {"sha": ..., "etag": ...} answered instead
         self.faults: list[Fault] = []
@@ -612,9 +652,10 @@ class LocalHub:
             self.lies[repo_id] = {k: v for k, v in (("sha", sha), ("etag", etag)) if v}
 
     def fail(self, method: str, pattern: str, status: int | None = None, hang: float = 0.0, delay: float = 0.0,
-             times: int | None = None) -> Fault:
+             times: int | None = None, location: str | None = None, body: bytes | None = None,
+             headers: dict | None = None, drip: float = 0.0) -> Fault:
         """Make requests ``method`` (e.g. "GET", "*") to paths matching ``pattern`` (re.search) misbehave."""
-        fault = Fault(method, re.compile(pattern), status, hang, delay, times)
+        fault = Fault(method, re.compile(pattern), status, hang, delay, times, location, body, headers or {}, drip)
         with self.lock:
             self.faults.append(fault)
         return fault
