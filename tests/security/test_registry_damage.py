@@ -122,6 +122,19 @@ def test_cli_verify_and_gc_report_an_index_that_lost_commits(reg, tmp_path, caps
     assert json.loads(capsys.readouterr().out)["blobs_removed"] == 6
 
 
+def test_an_add_that_fails_after_writing_its_blobs_leaves_them_to_gc(reg, monkeypatch):
+    """The blobs are claimed before they appear, so the index accounts for them though no card came."""
+    blobs = set(reg.blobs)
+
+    def fail(card):
+        raise RegistryError("the card could not be written")
+
+    monkeypatch.setattr(reg.index, "insert", fail)
+    assert isinstance(pelt_only(reg.add, trained(ph.LoRA(r=4), seed=4), name="failed"), RegistryError)
+    assert len(set(reg.blobs) - blobs) == 2 and reg.verify().ok
+    assert reg.gc().blobs_removed == 4 and set(reg.blobs) < blobs  # the failed add's two and the removed module's
+
+
 def test_an_index_from_before_the_ledger_accounts_for_its_cards_blobs(reg):
     """Schema 1 (no `stored` table): after the upgrade, removed modules' blobs still go, others stay."""
     run_sql(reg.root / "index.sqlite", "DROP TABLE stored")
@@ -137,7 +150,7 @@ def test_an_index_from_before_the_ledger_accounts_for_its_cards_blobs(reg):
 
 
 # ----------------------------------------------------------------- damaged databases
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "directory", "foreign", "wrong schema"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "damaged pages", "directory", "foreign", "wrong schema"])
 def test_a_damaged_index_is_a_registry_error_naming_it(reg, damage):
     index = reg.root / "index.sqlite"
     reg.index.conn.close()
@@ -146,6 +159,8 @@ def test_a_damaged_index_is_a_registry_error_naming_it(reg, damage):
         index.write_bytes(os.urandom(8192))
     elif damage == "truncated":
         index.write_bytes(index.read_bytes()[:4096 * 3 + 100])
+    elif damage == "damaged pages":  # the schema (page 1) reads, the tables behind it do not
+        index.write_bytes(index.read_bytes()[:4096] + os.urandom(len(index.read_bytes()) - 4096))
     elif damage == "directory":
         index.unlink()
         index.mkdir()
