@@ -178,7 +178,9 @@ def block_experts(block: str, names: dict[str, nn.Module], d: int) -> dict[str, 
     for name, module in names.items():
         if not name.startswith(block + "."):
             continue
-        params = {p: t.shape for p, t in module.named_parameters(recurse=False) if t.dim() == 3}
+        tensors = [*module.named_parameters(recurse=False),  # and those under a parametrisation
+                   *((p, stack.original) for p, stack in getattr(module, "parametrizations", {}).items())]
+        params = {p: t.shape for p, t in tensors if t.dim() == 3}
         downs = [p for p, (e, o, i) in params.items() if o == d and i != d]
         ups = [p for p, (e, o, i) in params.items() if i == d and p not in downs
                and any(params[x][0] == e and o in (params[x][2], 2 * params[x][2]) for x in downs)]

@@ -53,6 +53,15 @@ class ExpertScale(nn.Module):
         return weight * (scale[:, None, :] if self.on_input else scale[:, :, None])
 
 
+def fused_weight(base: nn.Module, name: str) -> torch.Tensor:
+    """The stored fused expert tensor `name` (`module.param`) of `base`, under any parametrisation."""
+    module_name, _, param = name.rpartition(".")
+    module = base.get_submodule(module_name)
+    if parametrize.is_parametrized(module, param):
+        return module.parametrizations[param].original
+    return getattr(module, param)
+
+
 class _Reparametrize(nn.Module):
     """Parametrisation W ↦ update(W), computed once per bound call; the update lives in its PeltModule
     (a list keeps it out of the base's parameters)."""
@@ -106,5 +115,5 @@ def install_expert_update(base: nn.Module, name: str, update: nn.Module, ctx: Ca
 @torch.no_grad()
 def merge_expert_update(base: nn.Module, name: str, update: nn.Module) -> None:
     """Write update(W) into the (unparametrised) fused expert parameter `name`."""
-    weight = base.get_parameter(name)
+    weight = fused_weight(base, name)
     weight.copy_(update(weight))

@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from ..sites import Sites, linear_dims
 from .base import CallContext, Handle, PeltModule, is_conv1d, map_input, map_output, site_key, site_name
 from .config import ModuleConfig, targets
-from .experts import ExpertScale, install_expert_update, merge_expert_update
+from .experts import ExpertScale, fused_weight, install_expert_update, merge_expert_update
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class IA3(ModuleConfig):
             on_input = target in self.feedforward
             for name in names:
                 if name not in sites.names:  # a fused expert weight [E, out, in]
-                    e, d_out, d_in = base.get_parameter(name).shape
+                    e, d_out, d_in = fused_weight(base, name).shape
                     experts[name] = ExpertScale(e, d_in if on_input else d_out, on_input)
                     continue
                 d_in, d_out = linear_dims(sites.names[name])

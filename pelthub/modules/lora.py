@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from ..sites import Sites, linear_dims
 from .base import CallContext, Handle, PeltModule, fuse_into_output, is_conv1d, site_key, site_name
 from .config import ModuleConfig, positive_int, positive_number, probability, targets
-from .experts import ExpertLoRA, install_expert_update, merge_expert_update
+from .experts import ExpertLoRA, fused_weight, install_expert_update, merge_expert_update
 from .grouped import lora_single
 
 
@@ -57,7 +57,7 @@ class LoRA(ModuleConfig):
                               f"({fused[0]}, updated as weights, not hooked per input); use dropout=0 there")
         layers = {n: LoRALinear(*linear_dims(sites.names[n]), self.r, self.alpha, self.dropout)
                   for n in dict.fromkeys(names) if n in sites.names}
-        experts = {n: ExpertLoRA(*base.get_parameter(n).shape, self.r, self.alpha) for n in fused}
+        experts = {n: ExpertLoRA(*fused_weight(base, n).shape, self.r, self.alpha) for n in fused}
         return LoRAModule(self, layers, experts)
 
 
