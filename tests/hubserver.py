@@ -142,9 +142,10 @@ class _Repo:
 
 
 def _card(files: dict[str, _Entry]) -> dict | None:
+    """The README's front matter; none when it is not YAML or uses aliases (an alias bomb must not stall the hub)."""
     readme = files.get("README.md")
     match = CARD_RE.match(readme.data.decode("utf-8", "replace")) if readme else None
-    if not match or yaml is None:
+    if not match or yaml is None or re.search(r"(^|[\s\[{,:])\*\w", match.group(2)):
         return None
     try:
         data = yaml.safe_load(match.group(2))

@@ -105,7 +105,8 @@ def _result(url: str, info: Any) -> HubModule:
     repo_id = info.get("id") if isinstance(info, dict) else None
     if not (isinstance(repo_id, str) and HUB_ID_RE.match(repo_id)):
         raise _malformed(url, f"a result is not a model record with a repo id ({str(info)[:60]!r})")
-    tags, modified, data = info.get("tags") or [], info.get("lastModified"), info.get("cardData") or {}
+    tags, modified, data = info.get("tags", []), info.get("lastModified"), info.get("cardData")
+    data = {} if data is None else data
     if not (isinstance(tags, list) and all(isinstance(t, str) for t in tags) and isinstance(data, dict)
             and (modified is None or isinstance(modified, str))):
         raise _malformed(url, f"{repo_id}: tags, cardData or lastModified has the wrong type")

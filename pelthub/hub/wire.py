@@ -39,8 +39,8 @@ def origin(url: Any) -> tuple[str, str, int | None]:
 
 
 def overdue(what: str, where: str, deadline_s: float) -> HubConnectionError:
-    return HubConnectionError(f"cannot {what}: the Hub at {where} did not finish within {deadline_s:g} s, the limit "
-                              f"for this call; try again, or allow longer with timeout= or ${TIMEOUT_ENV}")
+    return HubConnectionError(f"cannot {what}: the Hub at {where} did not finish within {round(deadline_s, 1):g} s, "
+                              f"the limit for this call; try again, or allow longer with timeout= or ${TIMEOUT_ENV}")
 
 
 @contextmanager
