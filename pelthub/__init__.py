@@ -6,6 +6,7 @@ compose modules by routing, gating and attention.
 """
 from .composition import Average, Stack, WeightedSum, compose, merge, search_weights
 from .errors import PeltError
+from .generative import evaluate, generate_texts
 from .model import ModularModel, attach, from_pretrained
 from .modules import IA3, Bottleneck, Compacter, LNTuning, LoRA, Prefix, Prompt
 from .hub import Registry
@@ -13,6 +14,7 @@ from .routing import Arrow, Poly
 from .routing.attention import AttentionMix
 from .routing.gates import UniPELT
 from .routing.tasks import PerTask
+from .tasks.generative import GenerativeExample
 from .transfer import rank_sources
 from .version import __version__
 
@@ -27,3 +29,4 @@ __all__ = ["AttentionMix", "IA3", "Bottleneck", "Compacter", "LNTuning", "LoRA",
            "Poly", "Prefix", "Prompt", "Registry", "attach", "compose", "from_pretrained", "__version__"]
 __all__ += ["Average", "Stack", "UniPELT", "WeightedSum", "merge", "search_weights"]
 __all__ += ["Arrow", "PerTask", "doctor", "rank_sources"]
+__all__ += ["GenerativeExample", "evaluate", "generate_texts"]

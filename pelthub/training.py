@@ -17,7 +17,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import ConfigError
+from . import generative
 from .tasks import Example, from_datasets
+from .tasks.generative import is_generative
 
 if TYPE_CHECKING:
     import datasets
@@ -114,7 +116,9 @@ def fit(model: nn.Module, data: Data, tokenizer: Any, steps: int = 100, batch_si
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(param_groups(model, lr, lr_routing, weight_decay))
-    stream = batches(data, tokenizer, batch_size, getattr(model, "task_names", ()), seed=seed, max_length=max_length)
+    stream = (generative.batches(model, data, tokenizer, batch_size, seed=seed, max_length=max_length)
+              if is_generative(data) else  # input/target examples: the LM loss over the target tokens
+              batches(data, tokenizer, batch_size, getattr(model, "task_names", ()), seed=seed, max_length=max_length))
     losses: list[float] = []
     model.train()
     bar = tqdm(range(steps), desc=progress if isinstance(progress, str) else "train", disable=not progress,

@@ -10,7 +10,7 @@ import networkx as nx
 ROOT = Path(__file__).resolve().parents[1] / "pelthub"
 # Bottom to top; the README's "Architecture" section draws the same list.
 LAYERS = [
-    {"errors", "version", "sites", "tasks", "training"},
+    {"errors", "version", "sites", "tasks", "training", "generative"},
     {"modules"},
     {"model"},
     {"registry"},
