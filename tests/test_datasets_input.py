@@ -163,12 +163,15 @@ def test_rank_sources_on_a_dataset_equals_the_example_list(tokenizer):
                         tokenizer=tokenizer)
 
 
-def test_leep_ignores_which_ids_the_labels_have_and_refuses_huge_ones_before_allocating():
+def test_leep_ignores_which_ids_the_labels_have_and_refuses_huge_ones_before_allocating(monkeypatch):
     probs = torch.softmax(torch.randn(40, 3, generator=torch.Generator().manual_seed(0)), -1)
     labels = torch.randint(0, 2, (40,), generator=torch.Generator().manual_seed(1))
     sparse = labels * 70_000                                     # ids 0 and 70,000: the same partition
     assert leep(probs, sparse) == pytest.approx(leep(probs, labels), abs=1e-12)
+    one_hot, widths = torch.nn.functional.one_hot, []
+    monkeypatch.setattr(torch.nn.functional, "one_hot", lambda x, n: widths.append(n) or one_hot(x, n))
     assert adjusted_leep(probs, sparse) == pytest.approx(adjusted_leep(probs, labels), abs=1e-12)
+    assert widths == [2, 2, 2, 2]                                # sized by the 2 labels there are, not by 70,001
     for bad in (labels + MAX_LABELS, labels - 1, labels.float()):
         with pytest.raises(DataError):
             adjusted_leep(probs, bad)
