@@ -57,8 +57,7 @@ LEXNAMES = (
 
 # Module family -> modules whose functions carry it (stdlib first, then packages, when installed).
 CODE_FAMILIES = {
-    "numbers": ("statistics", "fractions", "_pydecimal", "random", "numbers", "numpy", "mpmath", "scipy.stats",
-                "scipy.special", "scipy.linalg"),
+    "numbers": ("statistics", "fractions", "_pydecimal", "random", "numbers", "numpy", "mpmath"),
     "text": ("string", "textwrap", "re", "difflib", "html", "_markupbase", "xml", "stringprep", "tokenize", "shlex",
              "gettext", "regex", "jinja2", "markupsafe", "markdown_it", "pygments", "pyparsing"),
     "network": ("http", "urllib", "socket", "ssl", "ftplib", "smtplib", "imaplib", "poplib", "nntplib", "telnetlib",
