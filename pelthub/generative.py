@@ -101,9 +101,10 @@ def _log_likelihoods(model: nn.Module, examples: Sequence[GenerativeExample], to
     for batch in batches(model, examples, tokenizer, batch_size, shuffle=False, max_length=max_length):
         wide = _replicate(batch, sets, device)
         labels = wide["labels"]
-        # prompts prepended to a causal LM's input lengthen the logits at the front
-        logits = model(**wide).logits[:, -labels.shape[1]:].float()
-        if not _encoder_decoder(model):
+        if _encoder_decoder(model):  # the labels give the decoder its inputs; the model's own loss goes unused
+            logits = model(**wide).logits.float()
+        else:  # prompts prepended to a causal LM's input lengthen the logits at the front
+            logits = model(**{k: v for k, v in wide.items() if k != "labels"}).logits[:, -labels.shape[1]:].float()
             logits, labels = logits[:, :-1], labels[:, 1:]
         mask = labels != IGNORE
         picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
