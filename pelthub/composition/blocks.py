@@ -43,7 +43,7 @@ from ..errors import ConfigError, IncompatibleModuleError
 from ..model import ModularModel, from_pretrained
 from ..sites import Sites
 from ..modules.base import PeltModule
-from ..modules.config import ModuleConfig, Sourced, config_from_dict
+from ..modules.config import ModuleConfig, Sourced, config_from_dict, finite_numbers
 from ..registry import parent_entries, require_registry
 
 Source = Union[str, os.PathLike, ModularModel, PeltModule, ModuleConfig, Sourced, "Block"]
@@ -92,18 +92,15 @@ class WeightedSum(Block):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sources", _checked_sources("WeightedSum", self.sources, configs=False))
-        weights = tuple(self.weights)
-        if len(weights) != len(self.sources) or not all(isinstance(w, (int, float)) for w in weights):
-            raise ConfigError(f"WeightedSum.weights must be {len(self.sources)} numbers (one per source), "
-                              f"got {self.weights!r}")
-        object.__setattr__(self, "weights", tuple(float(w) for w in weights))
+        object.__setattr__(self, "weights", finite_numbers("WeightedSum", "weights", self.weights,
+                                                            len(self.sources), "one weight per source"))
 
     def to_dict(self, strict: bool = True) -> dict[str, Any]:
         return {**super().to_dict(strict), "weights": list(self.weights)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "WeightedSum":
-        return cls(tuple(map(_source_from_data, data["sources"])), tuple(data["weights"]))
+        return cls(tuple(map(_source_from_data, data["sources"])), data.get("weights"))
 
 
 @dataclass(frozen=True, init=False)

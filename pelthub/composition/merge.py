@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import ConfigError, IncompatibleModuleError
 from ..model import ModularModel
 from ..modules.base import site_name
+from ..modules.config import finite_numbers, positive_int
 from ..modules.lora import LoRA, LoRALinear, LoRAModule
 from .blocks import Source, load_single
 
@@ -51,10 +52,10 @@ def merge(modules: Sequence[Source], weights: Sequence[float] | None = None, met
     if method == "linear" and len(ranks) > 1:
         raise ConfigError(f"method='linear' adds factors elementwise and needs equal ranks, got {sorted(ranks)}; "
                           "use method='cat' (exact) or 'svd'")
-    if method in ("svd", "ties") and rank is not None and (not isinstance(rank, int) or rank <= 0):
-        raise ConfigError(f"merge rank must be a positive integer, got {rank!r}")
-    if not 0.0 < density <= 1.0:
-        raise ConfigError(f"merge density must be in (0, 1], got {density!r}")
+    if method in ("svd", "ties") and rank is not None:
+        positive_int("merge", "rank", rank)
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+        raise ConfigError(f"merge density must be a number in (0, 1], got {density!r:.80}")
     target = {"cat": sum(m.config.r for m in loras), "linear": loras[0].config.r}.get(method, rank or max(ranks))
     merged = merged_module(loras, target)
     load_factors(merged, merge_factors(loras, torch.tensor(weights), method, target, density))
@@ -73,6 +74,9 @@ def lora_sources(modules: Sequence[Source], base: nn.Module | None, registry: An
     kinds = [m.config.kind for m in loras]
     if any(k != "lora" for k in kinds):
         raise ConfigError(f"merge takes LoRA modules only, got kinds {kinds}")
+    if any(len(m.experts) for m in loras):
+        raise ConfigError("merge combines LoRA factors of linear layers; updates of fused expert weights (MoE) "
+                          "are not merged: merge modules trained on linear targets only")
     first = {k: tuple(layer.lora_a.shape[1:]) + tuple(layer.lora_b.shape[:1]) for k, layer in loras[0].layers.items()}
     for i, m in enumerate(loras[1:], 1):
         shapes = {k: tuple(layer.lora_a.shape[1:]) + tuple(layer.lora_b.shape[:1]) for k, layer in m.layers.items()}
@@ -89,10 +93,7 @@ def lora_sources(modules: Sequence[Source], base: nn.Module | None, registry: An
 def check_weights(weights: Sequence[float] | None, k: int) -> list[float]:
     if weights is None:
         return [1.0 / k] * k
-    weights = [float(w) for w in weights]
-    if len(weights) != k:
-        raise ConfigError(f"got {len(weights)} weights for {k} modules; give one weight per module")
-    return weights
+    return list(finite_numbers("merge", "weights", weights, k, "one weight per module"))
 
 
 def merged_module(loras: list[LoRAModule], rank: int) -> LoRAModule:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..modules.config import finite_numbers, positive_int
 from ..model import ModularModel
 from .blocks import Source
 from .compose import compose
@@ -42,9 +43,9 @@ def search_weights(base: nn.Module, modules: Sequence[Source], examples: Batch |
     batches = [examples] if isinstance(examples, Mapping) else list(examples)
     if not batches:
         raise ConfigError("search_weights needs at least one example batch")
-    if not isinstance(steps, int) or steps <= 0:
-        raise ConfigError(f"search_weights steps must be a positive integer, got {steps!r}")
-    lo, hi = bounds
+    positive_int("search_weights", "steps", steps)
+    finite_numbers("search_weights", "l1", (l1,), 1)
+    lo, hi = finite_numbers("search_weights", "bounds", bounds, 2)
     if not lo < hi:
         raise ConfigError(f"search_weights bounds must be (low, high) with low < high, got {bounds!r}")
     loras = lora_sources(modules, base, registry)

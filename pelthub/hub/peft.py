@@ -29,11 +29,12 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import ConfigError, ModuleFormatError
+from ..errors import ConfigError, ModuleFormatError, PeltError
 from ..model import ModularModel
 from ..model.io import CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE, read_description
 from ..modules.base import site_key, site_name
-from ..modules.config import one_of
+from ..modules import jsonsafe
+from ..modules.config import MAX_LAYERS, MAX_SIZE, MAX_VOCAB, one_of
 from ..registry import Registry, require_registry
 from ..registry.card import HUB_ID_RE
 from .client import bounded, resolve
@@ -266,13 +267,34 @@ def _read_folder(folder: Path, source: dict[str, Any], name: str) -> PeftAdapter
     if not (folder / ADAPTER_WEIGHTS).is_file():
         _refuse_pickle(PICKLED if (folder / PICKLED).is_file() else "", str(folder))
         raise ModuleFormatError(f"{folder} has no {ADAPTER_WEIGHTS}")
-    try:
-        config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ModuleFormatError(f"{folder / ADAPTER_CONFIG} is not valid JSON: {e}") from None
+    config = jsonsafe.read(folder / ADAPTER_CONFIG, ModuleFormatError, MAX_CONFIG_BYTES)
     if not isinstance(config, dict):
         raise ModuleFormatError(f"{folder / ADAPTER_CONFIG} must hold a JSON object")
+    _check_fields(config, folder / ADAPTER_CONFIG)
     return PeftAdapter(config, load_file(str(folder / ADAPTER_WEIGHTS)), source, name)
+
+
+_NONE = type(None)
+# The adapter_config.json fields pelthub reads, and the JSON types each may hold. Ranges are
+# checked where the values become pelthub configs (LoRA, Poly, ...), which name the field too.
+ADAPTER_FIELDS: dict[str, tuple[type, ...]] = {
+    "peft_type": (str, _NONE), "task_type": (str, _NONE), "base_model_name_or_path": (str, _NONE),
+    "revision": (str, _NONE), "modules_to_save": (list, _NONE), "bias": (str, _NONE),
+    "r": (int,), "lora_alpha": (int, float), "lora_dropout": (int, float, _NONE), "use_rslora": (bool, _NONE),
+    "num_transformer_submodules": (int, _NONE), "n_tasks": (int,), "n_skills": (int,), "n_splits": (int,)}
+
+
+def _check_fields(config: dict[str, Any], path: Path) -> None:
+    """Refuse a field of the wrong JSON type (true is not a rank, "16" is not an alpha), naming it."""
+    for key, types in ADAPTER_FIELDS.items():
+        if key not in config:
+            continue
+        value = config[key]
+        wrong = not isinstance(value, types) or isinstance(value, bool) and bool not in types
+        if wrong or key == "modules_to_save" and value and not all(isinstance(m, str) for m in value):
+            allowed = " or ".join("null" if t is _NONE else t.__name__ for t in types)
+            raise ModuleFormatError(f"{path}: field {key!r} must be {allowed}"
+                                    f"{' (of strings)' if key == 'modules_to_save' else ''}, got {value!r:.80}")
 
 
 def _attach(base: nn.Module, adapter: PeftAdapter, name: str, tasks: Iterable[str] | None) -> ModularModel:
@@ -281,7 +303,10 @@ def _attach(base: nn.Module, adapter: PeftAdapter, name: str, tasks: Iterable[st
     if peft_type not in FROM_PEFT:
         raise ConfigError(f"PEFT {peft_type} adapters have no pelthub equivalent; pelthub reads "
                           f"{', '.join(sorted(FROM_PEFT))}")
-    config, own, used = FROM_PEFT[peft_type](cfg, adapter.state, tasks)
+    try:
+        config, own, used = FROM_PEFT[peft_type](cfg, adapter.state, tasks)
+    except PeltError as e:  # name the adapter: the config's fields and tensors come from its files
+        raise type(e)(f"{adapter.source.get('path') or adapter.source.get('repo_id')}: {e}") from None
     prompt_learning = config.kind in PROMPT_LEARNING
     heads = _heads(cfg, {k: v for k, v in adapter.state.items() if k not in used}, prompt_learning)
     model = base if isinstance(base, ModularModel) else ModularModel(base)
@@ -349,14 +374,44 @@ def weightless_base(name: str, cls: str = "AutoModel", revision: str | None = No
     try:
         with bounded(timeout):
             config = transformers.AutoConfig.from_pretrained(name, revision=revision, token=token)
+        check_sizes(config.to_dict(), f"the config of base model {name!r}")
         saved = (getattr(config, "architectures", None) or [""])[0]
         with torch.device("meta"):
             if cls == "AutoModel" and saved and hasattr(transformers, saved):
                 return getattr(transformers, saved)(config)
             return getattr(transformers, cls).from_config(config)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read the config of base model {name!r} ({str(e).splitlines()[0][:160]}); pass "
+    except PeltError:
+        raise
+    except (OSError, ValueError, TypeError, RecursionError) as e:
+        problem = (str(e) or type(e).__name__).splitlines()[0][:160]
+        raise ConfigError(f"cannot read the config of base model {name!r} ({problem}); pass "
                           "base= (--base on the command line): the model, folder or Hub id it was trained on") from None
+
+
+# Size fields of transformers configs (across families) and their caps: a weightless copy is still built
+# layer by layer, and a 3,000-layer config takes minutes to build and fingerprint, so it is refused first.
+SIZE_FIELDS = {**dict.fromkeys(("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers",
+                                "decoder_layers", "num_decoder_layers"), MAX_LAYERS),
+               **dict.fromkeys(("hidden_size", "d_model", "n_embd", "dim", "intermediate_size", "d_ff", "n_inner",
+                                "hidden_dim", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "num_attention_heads",
+                                "n_head", "n_heads", "num_key_value_heads", "d_kv", "head_dim"), MAX_SIZE),
+               "vocab_size": MAX_VOCAB}
+
+
+def check_sizes(config: dict[str, Any], what: str) -> None:
+    """Refuse a base config whose layers, widths or vocabulary exceed pelthub's caps, before building it.
+
+    Nested configs (an encoder-decoder's parts, a multimodal model's text_config) are checked too.
+    """
+    stack = [config]
+    while stack:
+        fields = stack.pop()
+        stack.extend(v for v in fields.values() if isinstance(v, dict))
+        for key, maximum in SIZE_FIELDS.items():
+            value = fields.get(key)
+            if value is not None and (type(value) is not int or not 0 <= value <= maximum):
+                raise ConfigError(f"{what}: {key} must be an integer from 0 to {maximum:,} (pelthub's cap, above "
+                                  f"every released model, checked before building it), got {value!r:.80}")
 
 
 def _safe_name(name: str) -> str:

@@ -80,8 +80,9 @@ def from_peft_state_dict(state: Mapping[str, torch.Tensor], peft_config: Any,
     if not sites or incomplete:
         raise ModuleFormatError(f"PEFT Poly state dict needs poly_lora_A, poly_lora_B and poly_router per layer; "
                                 f"incomplete layers: {incomplete[:3] or 'no Poly keys found'}")
-    config = Poly(tasks=tasks or int(cfg["n_tasks"]), skills=int(cfg["n_skills"]), rank=int(cfg["r"]),
-                  heads=int(cfg["n_splits"]), targets=tuple(sites), alpha=1.0)
+    # taken as given, never cast (int(1.9) would be 1): Poly refuses what is not an integer in range
+    config = Poly(tasks=tasks or cfg.get("n_tasks"), skills=cfg.get("n_skills"), rank=cfg.get("r"),
+                  heads=cfg.get("n_splits"), targets=tuple(sites), alpha=1.0)
     ours: dict[str, torch.Tensor] = {}
     for site, parts in sites.items():
         key = site_key(site)

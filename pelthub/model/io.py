@@ -26,7 +26,8 @@ from torch import nn
 
 from ..errors import ConfigError, IncompatibleModuleError, ModuleFormatError
 from ..modules.base import site_name
-from ..modules.config import config_from_dict
+from ..modules import jsonsafe
+from ..modules.config import MAX_LAYERS, MAX_SIZE, MAX_VOCAB, config_from_dict
 from ..sites import Sites
 
 if TYPE_CHECKING:
@@ -88,19 +89,35 @@ def read_description(directory: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ModuleFormatError(f"{path} not found: a pelthub module directory holds {CONFIG_FILE} and "
                                 f"{WEIGHTS_FILE} (write one with model.save_pretrained(dir))")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise ModuleFormatError(f"{path} is {path.stat().st_size:,} bytes; a {CONFIG_FILE} is at most "
-                                f"{MAX_CONFIG_BYTES:,}, so it was not read")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModuleFormatError(f"{path} is not valid JSON: {e}") from None
+    data = jsonsafe.read(path, ModuleFormatError, MAX_CONFIG_BYTES)
     if not isinstance(data, dict):
         raise ModuleFormatError(f"{path} must hold a JSON object, got {type(data).__name__}")
     for key, kind in (("modules", dict), ("base_model", dict)):
         if not isinstance(data.get(key), kind):
             raise ModuleFormatError(f"{path}: field {key!r} is missing or not a {kind.__name__}")
+    _check_base(data["base_model"], path)
+    for name, configs in data["modules"].items():  # every number and size checked, for add and pull too
+        _configs(name, configs, directory)
     return data
+
+
+# What a fingerprint may declare: pelthub never builds a base from it, but a card shows these
+# numbers and a wrong-typed one must not reach the code that formats or compares them.
+FINGERPRINT_SIZES = {"hidden": MAX_SIZE, "layers": MAX_LAYERS, "heads": MAX_SIZE, "vocab": MAX_VOCAB}
+
+
+def _check_base(info: dict[str, Any], path: Path) -> None:
+    """The fingerprint's types and sizes, where given (the registry's card check requires it in full)."""
+    fp = info.get("fingerprint", {})
+    if not (isinstance(fp, dict) and isinstance(fp.get("sha256", ""), str)
+            and isinstance(fp.get("model_type"), (str, type(None)))):
+        raise ModuleFormatError(f"{path}: field 'base_model.fingerprint' must be {{'sha256': str, 'model_type': str, "
+                                "...}; write the file with model.save_pretrained(dir)")
+    for key, maximum in FINGERPRINT_SIZES.items():
+        value = fp.get(key)
+        if value is not None and (type(value) is not int or not 0 < value <= maximum):
+            raise ModuleFormatError(f"{path}: field 'base_model.fingerprint.{key}' must be an integer from 1 to "
+                                    f"{maximum:,} (pelthub's cap, far above real models), got {value!r:.80}")
 
 
 def check_compatible(info: dict[str, Any], base: nn.Module, where: str) -> None:
@@ -185,7 +202,10 @@ def _configs(name: str, configs: Any, directory: str | os.PathLike) -> list[Any]
     if not (isinstance(configs, list) and configs and all(isinstance(c, dict) for c in configs)):
         raise ModuleFormatError(f"{Path(directory) / CONFIG_FILE}: modules[{name!r}] must be a non-empty list of "
                                 "config objects")
-    return [config_from_dict(c) for c in configs]
+    try:
+        return [config_from_dict(c) for c in configs]
+    except ConfigError as e:  # a bad config in a file is a malformed file
+        raise ModuleFormatError(f"{Path(directory) / CONFIG_FILE}: modules[{name!r}]: {e}") from None
 
 
 def _composition(data: dict[str, Any], directory: str | os.PathLike) -> list[dict[str, Any]]:

@@ -37,7 +37,7 @@ class IA3(ModuleConfig):
 
     def validate(self) -> None:
         targets("IA3", self.targets)
-        if not isinstance(self.feedforward, tuple):
+        if not isinstance(self.feedforward, tuple) or not all(isinstance(t, str) for t in self.feedforward):
             raise ConfigError(f"IA3.feedforward must be a list of targets, got {self.feedforward!r}")
 
     def build(self, base: nn.Module, sites: Sites, **_: object) -> "IA3Module":

@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import ConfigError, UnsupportedModelError
 from ..sites import Sites
 from .base import CallContext, Handle, PeltModule
-from .config import ModuleConfig, one_of, positive_int
+from .config import MAX_VOCAB, ModuleConfig, one_of, positive_int
 
 INITS = ("random", "vocab", "text")
 
@@ -44,7 +44,7 @@ class Prompt(ModuleConfig):
     def validate(self) -> None:
         positive_int("Prompt", "length", self.length)
         one_of("Prompt", "init", self.init, INITS)
-        positive_int("Prompt", "vocab_top", self.vocab_top)
+        positive_int("Prompt", "vocab_top", self.vocab_top, MAX_VOCAB)
         if self.init == "text" and not self.text:
             raise ConfigError("Prompt(init='text') needs text='...': the words whose embeddings start the prompt")
 

@@ -44,7 +44,7 @@ from ..composition.blocks import load_single
 from ..errors import ConfigError, IncompatibleModuleError
 from ..model.modular import ModularModel
 from ..modules.base import CallContext, Handle, PeltModule, add_to_output, site_key, site_name
-from ..modules.config import ModuleConfig, Sourced, one_of, positive_int, positive_number
+from ..modules.config import MAX_SIZE, ModuleConfig, Sourced, flag, positive_int, positive_number
 from ..modules.lora import LoRAModule, top_right_singular
 from ..registry import parent_entries, require_registry, signatures
 from ..sites import Sites, linear_dims
@@ -102,8 +102,8 @@ class ArrowConfig(ModuleConfig):
         if set(self.sources) & set(self.gks or ()):
             raise ConfigError(f"Arrow: {sorted(set(self.sources) & set(self.gks or ()))} are both sources and gks")
         positive_int("Arrow", "top_k", self.top_k)
-        positive_number("Arrow", "temperature", self.temperature)
-        one_of("Arrow", "learn_temperature", self.learn_temperature, (True, False))
+        positive_number("Arrow", "temperature", self.temperature, math.inf)
+        flag("Arrow", "learn_temperature", self.learn_temperature)
 
     def build(self, base: nn.Module, sites: Sites, init: bool = True, given: Mapping[str, Any] | None = None,
               registry: Any = None, **_: object) -> "ArrowModule":
@@ -298,13 +298,20 @@ def _split(field: str, prefix: str, sources: Any) -> tuple[tuple[str, ...], dict
 
 
 def _layout(value: Any) -> Layout | None:
-    """The layout as nested tuples (JSON gives lists)."""
+    """The layout as nested tuples (JSON gives lists): site names, source indices and ranks as given, never cast."""
     if value is None:
         return None
     try:
-        return tuple((str(site), tuple((int(i), int(r)) for i, r in entries)) for site, entries in value)
+        layout = tuple((site, tuple((i, r) for i, r in entries)) for site, entries in value)
     except (TypeError, ValueError):
-        raise ConfigError(f"Arrow.layout must be [[site, [[source index, rank], ...]], ...], got {value!r}") from None
+        layout = None
+    ok = layout is not None and all(isinstance(site, str) and site for site, _ in layout) and all(
+        type(i) is int and type(r) is int and 0 <= i < MAX_SIZE and 0 < r <= MAX_SIZE  # 1.9 is no index
+        for _, entries in layout for i, r in entries)
+    if not ok:
+        raise ConfigError(f"Arrow.layout must be [[site, [[source index, rank], ...]], ...] with integer indices "
+                          f"and ranks from 1 to {MAX_SIZE:,}, got {value!r:.120}")
+    return layout
 
 
 def _site_dims(sites: Sites, site: str, what: str) -> tuple[int, int]:

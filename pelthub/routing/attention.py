@@ -93,7 +93,7 @@ from ..errors import ConfigError, RoutingError
 from ..model.modular import ModularModel
 from ..sites import Sites
 from ..modules.base import CallContext, PeltModule
-from ..modules.config import ModuleConfig, Sourced, config_from_dict, one_of, positive_int, positive_number
+from ..modules.config import MAX_TASKS, ModuleConfig, Sourced, config_from_dict, flag, one_of, positive_int, positive_number
 from ..modules.prompt import Prompt, PromptModule, initial_prompt
 from ..registry import parent_entries
 
@@ -149,7 +149,8 @@ class AttentionMixConfig(ModuleConfig):
         super().__post_init__()
 
     def validate(self) -> None:
-        if not all(isinstance(s, str) and s for s in self.sources) or len(set(self.sources)) != len(self.sources):
+        if (not isinstance(self.sources, tuple) or not all(isinstance(s, str) and s for s in self.sources)
+                or len(set(self.sources)) != len(self.sources)):
             raise ConfigError(f"AttentionMix.sources must have distinct non-empty names, got {list(self.sources)}")
         if TARGET in self.sources:
             raise ConfigError(f"AttentionMix.sources may not use the reserved name {TARGET!r}")
@@ -157,14 +158,16 @@ class AttentionMixConfig(ModuleConfig):
             raise ConfigError("AttentionMix.target must be a Prompt config, e.g. Prompt(length=20), "
                               f"got {self.target!r}")
         if self.temperature is not None and self.temperature != COSINE:
-            positive_number("AttentionMix", "temperature", self.temperature)
+            positive_number("AttentionMix", "temperature", self.temperature, math.inf)
         one_of("AttentionMix", "pool", self.pool, POOLS)
-        one_of("AttentionMix", "mask_padding", self.mask_padding, (True, False))
-        one_of("AttentionMix", "fit_sources", self.fit_sources, (True, False))
+        flag("AttentionMix", "mask_padding", self.mask_padding)
+        flag("AttentionMix", "fit_sources", self.fit_sources)
         positive_int("AttentionMix", "bottleneck", self.bottleneck)
-        if self.tasks is not None and (not self.tasks or len(set(self.tasks)) != len(self.tasks)
+        if self.tasks is not None and (not isinstance(self.tasks, tuple) or not 0 < len(self.tasks) <= MAX_TASKS
+                                       or len(set(self.tasks)) != len(self.tasks)
                                        or not all(isinstance(t, str) and t for t in self.tasks)):
-            raise ConfigError(f"AttentionMix.tasks must be a non-empty list of distinct task names, got {self.tasks!r}")
+            raise ConfigError(f"AttentionMix.tasks must be a list of 1 to {MAX_TASKS:,} distinct task names, "
+                              f"got {self.tasks!r:.120}")
         if self.init_from is not None and self.init_from not in self.sources:
             raise ConfigError(f"AttentionMix.init_from must name one of the sources {list(self.sources)}, "
                               f"got {self.init_from!r}")

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..errors import ConfigError, DuplicateNameError, RoutingError
 from ..modules.base import CallContext, Handle, PeltModule, add_to_output, site_key, site_name
-from ..modules.config import ModuleConfig, Sourced, one_of, positive_int, positive_number, probability, targets
+from ..modules.config import ModuleConfig, Sourced, one_of, positive_int, positive_number, probability, targets, task_names
 from ..modules.grouped import as_ids, lora_into, plan_once
 from ..sites import Sites, linear_dims
 from .poly_sources import over_modules
@@ -82,8 +82,7 @@ class Poly(ModuleConfig):
     variant: str = "poly"
 
     def __post_init__(self) -> None:
-        if isinstance(self.tasks, int) and not isinstance(self.tasks, bool):
-            object.__setattr__(self, "tasks", tuple(str(i) for i in range(self.tasks)))
+        object.__setattr__(self, "tasks", task_names("Poly", self.tasks))
         super().__post_init__()
 
     def validate(self) -> None:

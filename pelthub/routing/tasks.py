@@ -31,7 +31,7 @@ from ..errors import ConfigError, RoutingError
 from ..model import ModularModel
 from ..modules.bank import SELECTABLE, Bank
 from ..modules.base import CallContext, Handle, PeltModule
-from ..modules.config import ModuleConfig, config_from_dict
+from ..modules.config import ModuleConfig, config_from_dict, task_names
 from ..modules.grouped import RoutePlan, as_ids, plan_once
 from ..modules.prefix import layer_pairs
 from ..sites import Sites
@@ -57,8 +57,7 @@ class PerTask(ModuleConfig):
     def __post_init__(self) -> None:
         modules = (self.modules,) if isinstance(self.modules, ModuleConfig) else tuple(self.modules)
         object.__setattr__(self, "modules", tuple(config_from_dict(m) if isinstance(m, dict) else m for m in modules))
-        if isinstance(self.tasks, int) and not isinstance(self.tasks, bool):
-            object.__setattr__(self, "tasks", tuple(str(i) for i in range(self.tasks)))
+        object.__setattr__(self, "tasks", task_names("PerTask", self.tasks))
         super().__post_init__()
 
     def validate(self) -> None:

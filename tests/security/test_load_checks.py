@@ -50,7 +50,7 @@ def test_a_declared_rank_the_tensors_do_not_have_is_refused_before_allocating(sa
             allocated.append(self.lora_a.numel() + self.lora_b.numel())
 
     monkeypatch.setattr(LoRALinear, "__init__", recording)
-    with pytest.raises(ModuleFormatError, match="lora_a"):
+    with pytest.raises(ModuleFormatError, match="lora_a|LoRA.r must be an integer from 1 to"):
         ph.from_pretrained(tiny.bert(), saved)
     assert allocated == []  # the mismatch was found before any layer was built for real
 
@@ -117,11 +117,16 @@ def test_an_honest_module_of_every_kind_still_loads_equal(tmp_path):
 
 
 def test_a_pulled_module_declaring_a_huge_rank_allocates_nothing(saved, local_hub, regs, monkeypatch):
-    """The 3.6 KB attack of the issue, served by a Hub: pull stores it as bytes; load refuses it before allocating."""
+    """The 3.6 KB attack of the issue, served by a Hub: add and pull refuse the declared rank before building anything."""
+    good = saved.parent / "good"
+    shutil.copytree(saved, good)
     _declare(saved, r=2 ** 40)
     alice, bob = regs
-    ref = alice.add(saved, name="huge-rank")  # add reads the header, not the configs: nothing is built
-    publish(local_hub, alice, ref, "eve/huge-rank")
+    ref = alice.add(good, name="huge-rank")
+    config = (saved / "pelthub.json").read_bytes()
+    meta = {"sha256": hashlib.sha256(config).hexdigest(), "size": len(config)}
+    publish(local_hub, alice, ref, "eve/huge-rank", files={**alice.get(ref).files, "pelthub.json": meta})
+    local_hub.put_files("eve/huge-rank", {"pelthub.json": config})
     allocated = []
     original = LoRALinear.__init__
 
@@ -131,7 +136,8 @@ def test_a_pulled_module_declaring_a_huge_rank_allocates_nothing(saved, local_hu
             allocated.append(self.lora_a.numel() + self.lora_b.numel())
 
     monkeypatch.setattr(LoRALinear, "__init__", recording)
-    pulled = bob.pull("eve/huge-rank", endpoint=local_hub.endpoint)
-    with pytest.raises(ModuleFormatError, match="lora_a"):
-        bob.load(pulled, tiny.bert())
-    assert allocated == []
+    with pytest.raises(ModuleFormatError, match="LoRA.r must be an integer from 1 to"):
+        alice.add(saved, name="huge-rank")
+    with pytest.raises(ModuleFormatError, match="LoRA.r must be an integer from 1 to"):
+        bob.pull("eve/huge-rank", endpoint=local_hub.endpoint)
+    assert allocated == [] and len(bob) == 0
