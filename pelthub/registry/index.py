@@ -55,8 +55,9 @@ STORED = ("CREATE TABLE stored (sha256 TEXT PRIMARY KEY) WITHOUT ROWID",
           "INSERT INTO stored SELECT DISTINCT sha256 FROM files")
 TABLES = ("names", "cards", "kinds", "tags", "files", "parents", "stored")
 CHILD_TABLES = ("kinds", "tags", "files", "parents")
-RESTORE = ("restore index.sqlite together with index.sqlite-wal from a backup or the folder it was copied from, or move "
-           "both aside to start an empty index (the blobs stay: `pelthub gc` keeps what an index does not account for)")
+RESTORE = ("restore index.sqlite together with index.sqlite-wal from a backup or the folder it was copied from, or "
+           "move both aside to start an empty index (the blobs stay: `pelthub gc` keeps what an index does not "
+           "account for)")
 
 
 def _tables(conn: sqlite3.Connection) -> set[str]:
@@ -153,10 +154,12 @@ class Index:
                                 f"{RESTORE}") from None
 
     @contextmanager
-    def write(self) -> Iterator["Index"]:
+    def write(self, checkpoint: bool = True) -> Iterator["Index"]:
         """One write transaction, holding SQLite's write lock from the start (no lock upgrades, no deadlock).
 
-        The commit is then checkpointed into the database file, so the file alone is complete.
+        The commit is then checkpointed into the database file, so the file alone is complete (about 15 ms:
+        one more fsync). `checkpoint=False` is for a change a copy may miss without losing data (a claim:
+        the copy then keeps the blob), and the next commit's checkpoint carries it.
         """
         with self._lock, self._translated():
             conn = self.conn
@@ -168,7 +171,8 @@ class Index:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            _checkpoint(conn)
+            if checkpoint:
+                _checkpoint(conn)
 
     def _rows(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock, self._translated():

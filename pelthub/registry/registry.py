@@ -133,7 +133,7 @@ class Registry:
             ours = directory == Path(tmp)  # written and fsynced by save_pretrained: link, don't copy
             shas = {f: file_sha256(directory / f) for f in MODULE_FILES}
             signatures.record(self.root, directory, shas[WEIGHTS_FILE])  # Arrow prototypes of a LoRA; checks A, B
-            with self.index.write() as index:  # before the blobs appear, so gc knows them for ours
+            with self.index.write(checkpoint=False) as index:  # before the blobs appear: gc knows them for ours
                 index.claim(shas.values())
             files = {f: self.blobs.put(directory / f, link=ours, sha=shas[f]) for f in MODULE_FILES}
             draft = Card(
