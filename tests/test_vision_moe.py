@@ -218,3 +218,23 @@ def test_prompt_follows_the_tokens_before_the_patches(family, lead, layers):
 def test_image_prompts_start_random_only():
     with pytest.raises(ConfigError, match="init='vocab'.*pixel_values.*init='random'"):
         ph.attach(tiny_more.family("vit"), ph.Prompt(length=3, init="vocab"))
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3"])
+def test_what_reads_linear_layers_only_refuses_expert_updates(kind, tmp_path):
+    """PEFT export, LoRA merging and UniPELT's gates would drop an expert update silently: they refuse."""
+    from pelthub.errors import UnsupportedModelError
+    from pelthub.hub.peft import export
+    base = tiny_more.family("mixtral")
+    config = ph.LoRA(r=2, targets=("q", "down")) if kind == "lora" else ph.IA3()
+    model = ph.attach(base, config)
+    with pytest.raises(ConfigError, match="fused expert weights.*experts.down_proj.*save_pretrained"):
+        export(model, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+    if kind == "lora":
+        with pytest.raises(ConfigError, match="fused expert weights"):
+            ph.merge([model, model])
+        model.detach()
+        with pytest.raises(UnsupportedModelError, match="UniPELT.*experts.down_proj"):
+            ph.attach(base, ph.UniPELT(lora=ph.LoRA(r=2, targets=("down",))))
+        assert all("parametrizations" not in n for n, _ in base.named_parameters())

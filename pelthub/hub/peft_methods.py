@@ -106,6 +106,11 @@ def _prompt_fields(length: int, fp: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sites(own: Tensors) -> list[str]:
+    experts = [k for k in own if k.startswith("experts.")]
+    if experts:
+        raise ConfigError(f"PEFT export writes per-module LoRA / IA3 layers; this module also updates fused expert "
+                          f"weights ({site_name(experts[0].split('.')[1])}), which it would drop: keep it in "
+                          "pelthub's own format (save_pretrained)")
     return sorted({site_name(k.split(".")[1]) for k in own})
 
 

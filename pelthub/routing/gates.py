@@ -114,7 +114,12 @@ class UniPELTModule(PeltModule):
         self.parts, self.gates = nn.ModuleDict(), nn.ModuleDict()
         self.prefix_layers: dict[str, int] = {}
         if config.lora is not None:
-            self.parts["lora"] = config.lora.build(base, sites, **kwargs).layers
+            lora = config.lora.build(base, sites, **kwargs)
+            if len(lora.experts):  # weight updates: no per-input gate can scale them
+                raise UnsupportedModelError(f"UniPELT gates each LoRA on its input, which fused expert weights "
+                                            f"({site_name(next(iter(lora.experts)))}) are not hooked on; give "
+                                            "UniPELT's LoRA linear targets (q, v, o) and add ph.LoRA for the experts")
+            self.parts["lora"] = lora.layers
             self.gates["lora"] = nn.ModuleDict({k: nn.Linear(layer.lora_a.shape[1], 1)
                                                 for k, layer in self.parts["lora"].items()})
         if config.adapter is not None:
