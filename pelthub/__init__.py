@@ -14,6 +14,7 @@ from .routing import Arrow, Poly
 from .routing.attention import AttentionMix
 from .routing.gates import UniPELT
 from .routing.tasks import PerTask
+from .tasks import as_examples
 from .tasks.generative import GenerativeExample
 from .transfer import rank_sources
 from .version import __version__
@@ -29,4 +30,5 @@ __all__ = ["AttentionMix", "IA3", "Bottleneck", "Compacter", "LNTuning", "LoRA",
            "Poly", "Prefix", "Prompt", "Registry", "attach", "compose", "from_pretrained", "__version__"]
 __all__ += ["Average", "Stack", "UniPELT", "WeightedSum", "merge", "search_weights"]
 __all__ += ["Arrow", "PerTask", "doctor", "rank_sources"]
+__all__ += ["as_examples"]
 __all__ += ["GenerativeExample", "evaluate", "generate_texts"]

@@ -17,7 +17,9 @@
    run) and save the routing and transfer heatmaps as PNG.
 
 The default model is MiniLM from the `demo` extra; `--model` takes any other path or Hub id
-of an encoder.
+of an encoder. `--target` also takes your own data: a folder written by
+`DatasetDict.save_to_disk` with train and test splits (the ranking AUC then has no family to
+count and is left out).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 SOURCES = ("sentiment_movies", "sentiment_products", "topic_news", "form_question", "pair_paraphrase",
            "pair_entailment")
@@ -47,7 +49,8 @@ def default_model_path() -> str:
 def add_arguments(parser: argparse.ArgumentParser, registry_option: bool = True) -> None:
     """The demo's options; `registry_option=False` where the caller (the CLI) already has --registry."""
     parser.add_argument("--model", default=None, help="model path or Hub id (default: the bundled MiniLM)")
-    parser.add_argument("--target", default=TARGET, help="held-out target task")
+    parser.add_argument("--target", default=TARGET, help="held-out target task: a built-in task name or a folder "
+                        "saved by DatasetDict.save_to_disk with train and test splits")
     parser.add_argument("--sources", nargs="+", default=list(SOURCES), help="source tasks")
     parser.add_argument("--shots", type=int, default=64, help="target training examples")
     parser.add_argument("--steps", type=int, default=40, help="training steps per method and per source")
@@ -112,6 +115,19 @@ class Demo:
         return model
 
 
+def target_task(args: argparse.Namespace, seed: int) -> Any:
+    """The target with `--shots` training examples drawn for `seed`: a built-in task, or the `Task` of a
+    saved DatasetDict folder (`pelthub.tasks.as_task`, read once per seed: it is small and memory-mapped)."""
+    from .tasks import as_task, load_task
+    from .tasks.hf import load_saved
+    if not Path(args.target).is_dir():
+        return load_task(args.target, n_train=args.shots, n_test=256, seed=seed)
+    task = as_task(load_saved(args.target), Path(args.target).name).sample(args.shots, 0, 256, seed)
+    if not task.test:
+        raise DataError(f"--target {args.target}: the saved dataset has no test split to score the methods on")
+    return task
+
+
 def frozen_modules(model: Any) -> Any:
     """The model with its modules frozen, so that only the trained head copy learns."""
     model.adapters.requires_grad_(False)
@@ -161,7 +177,7 @@ def run(args: argparse.Namespace) -> dict[str, list[tuple[float, int, float]]]:
     ph, out = demo.ph, Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sources = [load_task(name, n_train=256, n_test=256, seed=args.seed) for name in args.sources]
-    family = next(f for f, names in families().items() if args.target in names)
+    family = next((f for f, names in families().items() if args.target in names), None)
     print(f"model {demo.path}\nregistry {demo.registry.root}\n\n1. source prompts and LoRAs")
     refs = {task.name: demo.source(task, "prompt") for task in sources}
     loras = {task.name: demo.source(task, "lora") for task in sources}
@@ -169,15 +185,16 @@ def run(args: argparse.Namespace) -> dict[str, list[tuple[float, int, float]]]:
     aucs, entropies = [], []
     for seed in range(args.seed, args.seed + args.seeds):
         demo.seed = seed
-        target = load_task(args.target, n_train=args.shots, n_test=256, seed=seed)
+        target = target_task(args, seed)
         ranking = ph.rank_sources(demo.base(target.num_labels), target.train, refs, tokenizer=demo.tokenizer,
                                   registry=demo.registry)
         scores = dict(ranking.rows)
-        aucs.append(auc([v for n, v in scores.items() if n in families()[family]],
-                        [v for n, v in scores.items() if n not in families()[family]]))
+        if family is not None:
+            aucs.append(auc([v for n, v in scores.items() if n in families()[family]],
+                            [v for n, v in scores.items() if n not in families()[family]]))
         print(f"\n2. seed {seed}: sources ranked for {target.name} ({len(target.train)} examples) "
-              f"by adjusted LEEP, "
-              f"AUC of {family} sources {aucs[-1]:.2f}\n{ranking.table()}")
+              f"by adjusted LEEP" + (f", AUC of {family} sources {aucs[-1]:.2f}" if family else "") +
+              f"\n{ranking.table()}")
         print(f"\n3. seed {seed}: solving {target.name}")
         models = solve(demo, sources, target, ranking, loras)
         entropies.append(float(models["attempt"].adapters["composed"]["attention_mix"].last_entropy().mean()))
@@ -187,7 +204,8 @@ def run(args: argparse.Namespace) -> dict[str, list[tuple[float, int, float]]]:
     for label, runs in demo.runs.items():
         mean, half, _ = mean_ci([r[0] for r in runs])
         print(f"| {label} | {fmt_ci(mean, half)} | {runs[0][1]:,} | {sum(r[2] for r in runs) / len(runs):.0f} s |")
-    print(f"\nranking AUC ({family} sources above the others; 0.5 = chance): {fmt_ci(*mean_ci(aucs)[:2])}; "
+    print((f"\nranking AUC ({family} sources above the others; 0.5 = chance): {fmt_ci(*mean_ci(aucs)[:2])}; "
+           if family else "\nranking AUC: none (the target belongs to no family of the suite); ") +
           f"ATTEMPT attention entropy / ln(S+1) on the last test batch (1 = uniform): {fmt_ci(*mean_ci(entropies)[:2])}")
 
     plot_routing(models["poly"]).savefig(out / "routing.png", dpi=120, bbox_inches="tight")

@@ -5,6 +5,7 @@ The reference for every datasets call is the same call on the equivalent list of
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -17,10 +18,10 @@ from transformers import AutoModelForSequenceClassification, BertTokenizer
 import pelthub as ph
 from pelthub import cli
 from pelthub.errors import DataError
-from pelthub.tasks import MAX_LABELS, Example, as_examples, as_task, load_examples, load_jsonl
+from pelthub.tasks import MAX_LABELS, Example, Task, as_examples, as_task, load_examples, load_jsonl
 from pelthub.tasks.hf import MAX_DATA_BYTES
 from pelthub.training import accuracy, fit, mean_loss, probabilities
-from pelthub.transfer import adjusted_leep, leep
+from pelthub.transfer import adjusted_leep, evaluate, leep
 from tests import tiny
 
 GOOD = ["good", "great", "fine", "nice", "happy", "bright", "warm", "kind", "calm", "clean"]
@@ -231,3 +232,36 @@ def test_cli_rank_refuses_devices_fifos_plain_folders_and_oversize_inputs(ranked
         assert rank_cli(folder, reg, target) != 0
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (target, err)
+
+
+def test_transfer_study_on_datasets_equals_the_study_on_example_tasks(tokenizer):
+    parts = {"a": sentences(24, seed=1), "b": [Example(e.text, 1 - e.label) for e in sentences(24, seed=2)],
+             "t": sentences(24, seed=3)}
+    data = {n: DatasetDict(train=as_dataset(x[:16]), validation=as_dataset(x[16:])) for n, x in parts.items()}
+    tasks = {n: Task(n, n, tuple(NAMES), tuple(x[:16]), tuple(x[16:]), ()) for n, x in parts.items()}
+    kw = dict(seeds=1, metrics=("adjusted_leep", "cosine_avg"), source_steps=2, target_steps=2,
+              prompt=ph.Prompt(length=4), n_train=16, shots=8, n_dev=8, max_length=16, progress=False)
+    study = [evaluate(lambda k: tiny.bert(num_labels=k), tokenizer, sources, targets, **kw).to_dict()
+             for sources, targets in (([tasks["a"], tasks["b"]], [tasks["t"]]),
+                                      ({"a": data["a"], "b": data["b"]}, {"t": data["t"]}))]
+    for run in study:
+        run.pop("seconds")
+    assert study[0] == study[1] and study[0]["baseline"][0][0] is not None
+
+
+def test_demo_takes_a_saved_dataset_dict_as_its_target(tmp_path, tokenizer, capsys):
+    from pelthub import demo
+    tiny.bert().save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    train, test = sentences(40, seed=5), sentences(20, seed=6)
+    DatasetDict(train=as_dataset(train), test=as_dataset(test)).save_to_disk(str(tmp_path / "mine"))
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    args = parser.parse_args(["--model", str(tmp_path / "model"), "--target", str(tmp_path / "mine"), "--sources",
+                              "sentiment_movies", "sentiment_products", "--steps", "1", "--seeds", "1", "--shots",
+                              "16", "--registry", str(tmp_path / "reg"), "--out", str(tmp_path / "out")])
+    reference = Task("mine", "mine", tuple(NAMES), tuple(train), (), tuple(test)).sample(16, 0, 256, seed=3)
+    assert demo.target_task(args, seed=3) == reference and len(reference.train) == 16
+    runs = demo.run(args)
+    assert len(runs) == 8 and all(0 <= acc <= 1 for method in runs.values() for acc, _, _ in method)
+    assert "accuracy on mine" in capsys.readouterr().out

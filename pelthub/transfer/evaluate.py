@@ -1,6 +1,11 @@
 """Does reuse work, and does a metric see it? `evaluate`: a transfer study with controls.
 
-For source tasks S and held-out target tasks T (built-in suite), over `seeds` seeds:
+For source tasks S and held-out target tasks T, over `seeds` seeds. A task is a built-in
+one (its name), a `Task`, or, given as {name: data}, a 🤗 `DatasetDict` (its train and
+validation splits, `pelthub.tasks.as_task`); a `Task` or dataset gives its first `n_train`
+(sources) or `shots` (targets, one draw per seed) training and `n_dev` dev examples after
+a seeded shuffle (`Task.sample`).
+
 
 1. a prompt (with its head) is tuned on every source for `source_steps`; each run has its
    own initial prompt and head (seeded by role, task and seed), so similarities between
@@ -34,18 +39,18 @@ import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..model import ModularModel, attach
 from ..modules.prompt import Prompt
 from ..registry import Registry
-from ..tasks import Example, Task, load_task
+from ..tasks import Example, Task, as_task, load_task
 from ..training import accuracy, fit
 from .methods import init_from, prompt_tensor
 from .metrics import Layers
@@ -195,8 +200,28 @@ def shuffled_labels(examples: Sequence[Example], seed: int) -> list[Example]:
     return [Example(e.text, y, e.text_pair) for e, y in zip(examples, labels)]
 
 
-def evaluate(base_factory: Callable[[int], nn.Module], tokenizer: Any, sources: Sequence[str],
-             targets: Sequence[str], seeds: int = 3, source_seeds: int | None = None,
+Tasks = Union[Sequence[Union[str, Task]], Mapping[str, Any]]
+
+
+def _tasks(entries: Tasks, what: str) -> dict[str, str | Task]:
+    """name → built-in task name or Task; {name: DatasetDict or Task} values become Tasks of that name."""
+    if isinstance(entries, Mapping):
+        return {name: value if isinstance(value, Task) else as_task(value, name) for name, value in entries.items()}
+    bad = [type(e).__name__ for e in entries if not isinstance(e, (str, Task))]
+    if bad or isinstance(entries, str):
+        raise DataError(f"{what} must be built-in task names or Tasks, or a {{name: DatasetDict}} mapping; got "
+                        f"{bad or 'one str'}")
+    return {e if isinstance(e, str) else e.name: e for e in entries}
+
+
+def _draw(task: str | Task, n_train: int, n_dev: int, seed: int) -> Task:
+    if isinstance(task, str):
+        return load_task(task, n_train=n_train, n_dev=n_dev, n_test=0, seed=seed)
+    return task.sample(n_train, n_dev, 0, seed)
+
+
+def evaluate(base_factory: Callable[[int], nn.Module], tokenizer: Any, sources: Tasks,
+             targets: Tasks, seeds: int = 3, source_seeds: int | None = None,
              metrics: Sequence[str] = METRICS, source_steps: int = 100, target_steps: int = 20,
              prompt: Prompt = Prompt(length=10), batch_size: int = 16, lr: float = 0.03, n_train: int = 256,
              shots: int = 64, n_dev: int = 128, layers: Layers = None, max_length: int = 48,
@@ -204,10 +229,13 @@ def evaluate(base_factory: Callable[[int], nn.Module], tokenizer: Any, sources: 
     """Run the study described in the module docstring; returns its `TransferStudy`.
 
     base_factory(num_labels) builds the base (one per label count, reused, never edited).
+    sources, targets: task names, Tasks, or {name: DatasetDict} (module docstring).
     source_seeds: how many seeds the source prompts are trained with (default `seeds`; 1
     reuses one set of sources for every target seed, for a quick run). Budget:
     source_steps·|S|·(source_seeds + |T|) + target_steps·|T|·seeds·(|S| + 3) steps.
     """
+    source_tasks, target_tasks = _tasks(sources, "sources"), _tasks(targets, "targets")
+    sources, targets = list(source_tasks), list(target_tasks)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not sources or not targets or seeds < 1:
         raise ConfigError(f"evaluate needs sources, targets, seeds >= 1 and metrics from {list(METRICS)}; got "
@@ -217,7 +245,7 @@ def evaluate(base_factory: Callable[[int], nn.Module], tokenizer: Any, sources: 
     scratch = tempfile.TemporaryDirectory(prefix="pelthub-study-")  # removed at the end, or when collected
     registry = Registry(scratch.name)                                # the trained sources, for the leeps
     bases: dict[int, nn.Module] = {}
-    source_data = {s: load_task(s, n_train=n_train, n_dev=n_dev, n_test=0) for s in sources}
+    source_data = {s: _draw(task, n_train, n_dev, 0) for s, task in source_tasks.items()}
 
     def tune(data: Sequence[Example], labels: int, seed: int, steps: int, what: str, init: Prompt = prompt,
              start_from: _Trained | None = None) -> ModularModel:
@@ -270,7 +298,7 @@ def evaluate(base_factory: Callable[[int], nn.Module], tokenizer: Any, sources: 
     cells = tqdm(total=T * seeds, desc="targets x seeds", disable=not progress)
     for t, name in enumerate(targets):
         for r in range(seeds):
-            task = load_task(name, n_train=shots, n_dev=n_dev, n_test=0, seed=r)
+            task = _draw(target_tasks[name], shots, n_dev, r)
             k, families[name], chance[t] = task.num_labels, task.family, 1.0 / task.num_labels
             sr = r % source_seeds
             pool = {sources[i]: trained[(sources[i], sr)] for i in range(S) if sources[i] != name}
