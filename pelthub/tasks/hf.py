@@ -193,8 +193,10 @@ def _from_dataset(data: Any, columns: Mapping[str, str | None] | None,
     return out
 
 
-def _saved_folder(path: Path, max_bytes: int) -> Any:
-    """A folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, size- and type-checked."""
+def load_saved(path: str | os.PathLike[str], max_bytes: int = MAX_DATA_BYTES) -> Any:
+    """The Dataset or DatasetDict in a folder written by `save_to_disk`, refused (DataError) unless it
+    is one, holds only regular files and at most `max_bytes` in all."""
+    path = Path(path)
     if not ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         raise DataError(f"{path} is a folder but not a saved dataset (no state.json or dataset_dict.json from "
                         "Dataset.save_to_disk); give a JSONL or CSV file or such a folder")
@@ -223,7 +225,7 @@ def load_examples(path: str | os.PathLike[str], split: str | None = None,
     """
     path = Path(path)
     if path.is_dir():
-        return as_examples(_saved_folder(path, max_bytes), split, columns, label_names)
+        return as_examples(load_saved(path, max_bytes), split, columns, label_names)
     if split is not None or columns is not None:
         raise DataError(f"{path}: split and columns apply to saved dataset folders; JSONL and CSV files use the "
                         "fields text, text_pair and label")
