@@ -404,7 +404,8 @@ class Sites:
         body = json.dumps({"model_type": self.model_type, "params": shapes}, sort_keys=True)
         g = self.geometry
         return {"sha256": hashlib.sha256(body.encode()).hexdigest(), "model_type": g.model_type,
-                "hidden": g.hidden, "layers": g.layers, "heads": g.heads, "vocab": g.vocab}
+                "hidden": g.hidden, "layers": g.layers, "heads": g.heads,
+                "vocab": g.vocab or None}  # image and audio encoders (ViT, CLIP vision) have no vocabulary
 
 
 def _unparametrized(name: str) -> str:

@@ -103,7 +103,7 @@ def test_expert_ia3_scales_each_experts_activations():
     torch.testing.assert_close(run(model, inputs), run(reference, inputs), rtol=0, atol=1e-5)
 
 
-def test_expert_updates_leave_the_router_alone_merge_exactly_and_reload():
+def test_expert_updates_leave_the_router_alone_merge_exactly_and_reload(tmp_path):
     base, inputs, _ = _mixtral()
     router = base.model.layers[0].mlp.gate
     seen = []
@@ -115,8 +115,8 @@ def test_expert_updates_leave_the_router_alone_merge_exactly_and_reload():
     adapted = run(model, inputs)
     handle.remove()
     torch.testing.assert_close(seen[1], seen[0], rtol=0, atol=0)   # layer 0's router logits: untouched
-    model.save_pretrained(tmp := f"/tmp/pelthub-moe-{id(model)}")
-    reloaded = ph.from_pretrained(tiny_more.family("mixtral"), tmp)
+    model.save_pretrained(tmp_path)
+    reloaded = ph.from_pretrained(tiny_more.family("mixtral"), tmp_path)
     torch.testing.assert_close(run(reloaded, inputs), adapted, rtol=0, atol=0)
     merged = model.merge_and_unload()
     assert all("parametrizations" not in n for n, _ in merged.named_parameters())
@@ -238,3 +238,16 @@ def test_what_reads_linear_layers_only_refuses_expert_updates(kind, tmp_path):
         with pytest.raises(UnsupportedModelError, match="UniPELT.*experts.down_proj"):
             ph.attach(base, ph.UniPELT(lora=ph.LoRA(r=2, targets=("down",))))
         assert all("parametrizations" not in n for n, _ in base.named_parameters())
+
+
+@pytest.mark.parametrize("family,config", [("vit", ph.Prompt(length=3)), ("clip-vision", ph.IA3()),
+                                           ("whisper", ph.Prefix(length=2, hidden=None))],
+                         ids=["vit-prompt", "clip-ia3", "whisper-prefix"])
+def test_modules_on_image_and_audio_models_reload(family, config, tmp_path):
+    """A vision tower has no vocabulary: its fingerprint says none (not 0), and the saved file loads."""
+    base, inputs = tiny_more.family(family), tiny_more.batch(family)
+    model = ph.attach(base, config)
+    tiny.perturb(model, scale=0.3)
+    model.save_pretrained(tmp_path)
+    reloaded = ph.from_pretrained(tiny_more.family(family), tmp_path)
+    torch.testing.assert_close(run(reloaded, inputs), run(model, inputs), rtol=0, atol=0)
