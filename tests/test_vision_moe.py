@@ -65,8 +65,12 @@ class _HandMoE(nn.Module):
         return out.reshape(x.shape)
 
 
-def _mixtral():
+IMPLEMENTATIONS = ("grouped_mm", "eager")  # transformers' experts kernels: one matmul per group, or a loop
+
+
+def _mixtral(implementation="grouped_mm"):
     base, inputs = tiny_more.family("mixtral"), tiny_more.batch("mixtral")
+    base.set_experts_implementation(implementation)
     return base, inputs, copy.deepcopy(base)
 
 
@@ -79,8 +83,9 @@ def _per_layer(module, attr):
     return out
 
 
-def test_expert_lora_equals_experts_run_one_by_one_with_their_own_update():
-    base, inputs, reference = _mixtral()
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_expert_lora_equals_experts_run_one_by_one_with_their_own_update(implementation):
+    base, inputs, reference = _mixtral(implementation)
     model = ph.attach(base, ph.LoRA(r=2, alpha=4, targets=("up", "down")))
     tiny.perturb(model, scale=0.3)
     updates = _per_layer(model.adapters["default"]["lora"],
@@ -251,3 +256,16 @@ def test_modules_on_image_and_audio_models_reload(family, config, tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = ph.from_pretrained(tiny_more.family(family), tmp_path)
     torch.testing.assert_close(run(reloaded, inputs), run(model, inputs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_an_expert_update_is_computed_once_per_call(implementation):
+    """The eager experts loop reads the fused weight once per expert; the update is built once per call."""
+    base, inputs, _ = _mixtral(implementation)
+    assert base.config._experts_implementation == implementation
+    model = ph.attach(base, ph.LoRA(r=2, targets=("up", "down")))
+    calls = []
+    for update in model.adapters["default"]["lora"].experts.values():
+        update.register_forward_hook(lambda *_: calls.append(1))
+    run(model, inputs)
+    assert len(calls) == 4  # two layers × (gate_up_proj, down_proj)
