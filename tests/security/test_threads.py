@@ -74,8 +74,7 @@ def plain_sets() -> ModularModel:
 CHOICES = [["a", "b", "c"], ["c", "__base__", "a"], ["b", "b", "b"], ["__base__", "c", "b"]]
 
 
-@pytest.mark.parametrize("round_", range(2))
-def test_first_adapter_names_calls_of_many_threads_build_one_bank(switch_often, monkeypatch, round_):
+def test_first_adapter_names_calls_of_many_threads_build_one_bank(switch_often, monkeypatch):
     twin, inputs = plain_sets(), tiny.batch("bert")
     alone = [logits(twin, inputs, adapter_names=c) for c in CHOICES]
     assert not torch.allclose(alone[0], alone[1], atol=1e-3)  # the choices differ, so a mix-up would show
@@ -244,26 +243,35 @@ BAD_TASK_IDS = {
 }
 
 
+@pytest.fixture(scope="module")
+def routed() -> ModularModel:
+    """One Poly model for the corpus: a refused call changes nothing, so the cases can share it."""
+    return poly_model()
+
+
+@pytest.fixture(scope="module")
+def selecting() -> ModularModel:
+    return plain_sets()
+
+
 @pytest.mark.parametrize("case", BAD_TASK_IDS)
-def test_bad_task_ids_are_refused_by_name_never_truncated(case):
-    model, inputs = poly_model(), tiny.batch("bert")
+def test_bad_task_ids_are_refused_by_name_never_truncated(routed, case):
     with pytest.raises(PeltError) as raised:  # any other exception type fails the test
-        logits(model, inputs, task_ids=BAD_TASK_IDS[case])
+        logits(routed, tiny.batch("bert"), task_ids=BAD_TASK_IDS[case])
     assert isinstance(raised.value, RoutingError) and "\n" not in str(raised.value)
 
 
-def test_task_ids_for_part_of_the_batch_are_refused_not_repeated():
-    model = poly_model()
+def test_task_ids_for_part_of_the_batch_are_refused_not_repeated(routed):
     with pytest.raises(RoutingError, match="one per example"):
-        logits(model, tiny.batch("bert", b=4), task_ids=["a", "b"])  # would run as a, a, b, b
+        logits(routed, tiny.batch("bert", b=4), task_ids=["a", "b"])  # would run as a, a, b, b
 
 
-def test_integer_ids_of_every_accepted_form_equal_the_names():
-    model, inputs = poly_model(), tiny.batch("bert")
-    want = logits(model, inputs, task_ids=["a", "b", "a"])
+def test_integer_ids_of_every_accepted_form_equal_the_names(routed):
+    inputs = tiny.batch("bert")
+    want = logits(routed, inputs, task_ids=["a", "b", "a"])
     for given in ([0, 1, 0], (0, 1, 0), torch.tensor([0, 1, 0]), torch.tensor([0, 1, 0], dtype=torch.int32),
                   np.array([0, 1, 0]), [np.int64(0), 1, "a"]):
-        torch.testing.assert_close(logits(model, inputs, task_ids=given), want, rtol=0, atol=0)
+        torch.testing.assert_close(logits(routed, inputs, task_ids=given), want, rtol=0, atol=0)
 
 
 BAD_ADAPTER_NAMES = {
@@ -283,24 +291,23 @@ BAD_ADAPTER_NAMES = {
 
 
 @pytest.mark.parametrize("case", BAD_ADAPTER_NAMES)
-def test_bad_adapter_names_are_refused_by_name_never_truncated(case):
-    model, inputs = plain_sets(), tiny.batch("bert")
+def test_bad_adapter_names_are_refused_by_name_never_truncated(selecting, case):
     with pytest.raises(PeltError) as raised:
-        logits(model, inputs, adapter_names=BAD_ADAPTER_NAMES[case])
+        logits(selecting, tiny.batch("bert"), adapter_names=BAD_ADAPTER_NAMES[case])
     assert isinstance(raised.value, RoutingError)
 
 
-def test_adapter_names_as_indices_equal_the_names():
-    model, inputs = plain_sets(), tiny.batch("bert")
-    want = logits(model, inputs, adapter_names=["c", "__base__", "a"])
+def test_adapter_names_as_indices_equal_the_names(selecting):
+    inputs = tiny.batch("bert")
+    want = logits(selecting, inputs, adapter_names=["c", "__base__", "a"])
     for given in (torch.tensor([2, 3, 0]), [2, 3, 0], ["c", 3, 0]):
-        torch.testing.assert_close(logits(model, inputs, adapter_names=given), want, rtol=0, atol=0)
+        torch.testing.assert_close(logits(selecting, inputs, adapter_names=given), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("task", [1.9, 1.0, True, -1, 2, "zz", None, [0]])
-def test_one_task_by_index_is_an_integer_in_range(task):
+def test_one_task_by_index_is_an_integer_in_range(routed, task):
     per_task = per_task_module(ph.compose(tiny.bert(), ph.PerTask(ph.LoRA(r=2), tasks=TASKS)))
-    poly = poly_module(poly_model())
+    poly = poly_module(routed)
     for pick in (per_task.task, poly.task_index):
         with pytest.raises(RoutingError, match="task"):
             pick(task)
