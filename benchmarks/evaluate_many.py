@@ -17,9 +17,9 @@ Contenders, each through `pelthub.generative.evaluate` (the same encoding and ar
 - pelthub loop: `model.set_adapter(name)` then one evaluation, for each set (the same loop in pelthub);
 - pelthub one pass: `evaluate(..., adapters=names)`: each batch repeated once per set in one mixed
   forward / generate call.
-Times are the median of `--repeats` interleaved rounds (CPU seconds of this process, robust to
-other processes on the machine); "max diff" is the largest difference of any metric of any
-adapter to the PEFT loop's.
+Times are CPU seconds of this process (less sensitive than wall time to other processes on the
+machine), the median of `--repeats` interleaved rounds (1 by default, so the run stays near 2 minutes
+on 2 cores); "max diff" is the largest difference of any metric of any adapter to the PEFT loop's.
 """
 from __future__ import annotations
 
@@ -104,13 +104,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--loras", type=int, default=16)
-    parser.add_argument("--examples", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=16, help="examples per batch")
-    parser.add_argument("--new-tokens", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--examples", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8, help="examples per batch")
+    parser.add_argument("--new-tokens", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     if args.quick:
-        args.loras, args.examples, args.repeats = 4, 16, 1
+        args.loras, args.examples = 4, 8
     common.setup()
     tok, examples = tokenizer(), data(args.examples)
     with tempfile.TemporaryDirectory() as tmp:

@@ -186,8 +186,10 @@ def test_evaluating_n_sets_in_one_pass_equals_n_separate_evaluations(arch, tok):
     assert together["a"]["exact_match"] == 1.0 and together["b"]["exact_match"] < 1.0
 
 
-def test_evaluating_the_tasks_of_a_per_task_model_equals_each_task_alone(tok):
-    model = ph.compose(tiny.llama(), PerTask((ph.LoRA(r=2),), tasks=["p", "q", "r"])).eval()
+@pytest.mark.parametrize("routed", [PerTask((ph.LoRA(r=2),), tasks=["p", "q", "r"]),
+                                    ph.Poly(tasks=["p", "q", "r"], skills=2, rank=2)], ids=["pertask", "poly"])
+def test_evaluating_the_tasks_of_a_routed_model_equals_each_task_alone(routed, tok):
+    model = ph.compose(tiny.llama(), routed).eval()
     perturb(model, scale=0.5)
     metrics = ["loss", "rank", "exact_match"]
     together = evaluate(model, DATA, tok, metrics, tasks=["r", "p"], max_new_tokens=3)
