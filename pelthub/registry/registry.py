@@ -4,7 +4,9 @@ Layout: `blobs/` (module files by sha256), `index.sqlite` (cards, WAL mode),
 `checkouts/` (verified, read-only module directories to load from) and `tmp/`.
 An `add` writes every blob first and then the card in one SQLite
 transaction, so a crash at any point leaves the entry either absent or
-complete; blobs nobody references are reclaimed by `gc`.
+complete; blobs nobody references are reclaimed by `gc`, which deletes only
+blobs the index recorded (see `index.py`: a copied or restored index that lost
+commits makes gc refuse, not delete the modules it forgot).
 """
 from __future__ import annotations
 
@@ -353,7 +355,7 @@ class Registry:
                     f"in {self.index.path} (e.g. {unknown[0][:16]}...), so the index has lost commits: copied "
                     "without index.sqlite-wal, or restored from an older backup. Restore index.sqlite with its "
                     "-wal from where it came; if this index is the one to keep, `pelthub gc --unaccounted` "
-                    "deletes those blobs")
+                    "(gc(unaccounted=True)) deletes those blobs")
             dropped = [sha for sha in on_disk if sha not in keep]
             freed = sum(self.blobs.remove(sha) for sha in dropped)
             index.forget(dropped)

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import sqlite3
+import threading
 from contextlib import closing
 from pathlib import Path
 
@@ -133,6 +134,41 @@ def test_an_add_that_fails_after_writing_its_blobs_leaves_them_to_gc(reg, monkey
     assert isinstance(pelt_only(reg.add, trained(ph.LoRA(r=4), seed=4), name="failed"), RegistryError)
     assert len(set(reg.blobs) - blobs) == 2 and reg.verify().ok
     assert reg.gc().blobs_removed == 4 and set(reg.blobs) < blobs  # the failed add's two and the removed module's
+
+
+def test_gc_running_beside_adds_never_finds_a_blob_it_cannot_account_for(reg, tmp_path):
+    """Claims commit before blobs appear, so gc (under the write lock) always knows an add's blobs."""
+    sources = []
+    for i in range(24):
+        sources.append(tmp_path / f"src{i}")
+        trained(ph.LoRA(r=2), seed=100 + i).save_pretrained(str(sources[-1]))
+    done, errors, runs = threading.Event(), [], [0]
+
+    def add(paths):
+        writer = ph.Registry(reg.root)  # its own connection, as another process has
+        for path in paths:
+            writer.add(path, name=path.name)
+
+    def collect():
+        collector = ph.Registry(reg.root)
+        while not done.is_set():
+            try:
+                collector.gc()
+                runs[0] += 1
+            except Exception as e:  # noqa: BLE001 - recorded, asserted below
+                errors.append(e)
+                return
+
+    adders = [threading.Thread(target=add, args=(sources[w::2],)) for w in range(2)]
+    gc = threading.Thread(target=collect)
+    for thread in (*adders, gc):
+        thread.start()
+    for thread in adders:
+        thread.join()
+    done.set()
+    gc.join()
+    assert errors == [] and runs[0] > 0 and reg.verify().ok
+    assert all(reg.path(f"src{i}").is_dir() for i in range(24))
 
 
 def test_an_index_from_before_the_ledger_accounts_for_its_cards_blobs(reg):
