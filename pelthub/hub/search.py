@@ -101,7 +101,7 @@ def _base_id(base_model: nn.Module | str | None) -> str | None:
 
 
 def _result(url: str, info: Any) -> HubModule:
-    """One listed model: the listing's own fields must have their types; card fields of the wrong type read as absent."""
+    """One listed model: the listing's fields must have their types; card fields of a wrong type read as absent."""
     repo_id = info.get("id") if isinstance(info, dict) else None
     if not (isinstance(repo_id, str) and HUB_ID_RE.match(repo_id)):
         raise _malformed(url, f"a result is not a model record with a repo id ({str(info)[:60]!r})")

@@ -250,7 +250,8 @@ def pull(registry: "Registry", repo_id: str, revision: str | None = None, endpoi
     card's name is taken here by a module from elsewhere. timeout: seconds
     per request ($PELTHUB_HUB_TIMEOUT, 30); max_depth / max_parents: how
     deep a chain of parents, and how many parents in all, a pull follows
-    ($PELTHUB_MAX_DEPTH, 32; $PELTHUB_MAX_PARENTS, 100).
+    ($PELTHUB_MAX_DEPTH, 32; $PELTHUB_MAX_PARENTS, 100). A card may declare
+    at most 64 files and $PELTHUB_MAX_MODULE_BYTES (16 GiB) in all.
     """
     check_repo_id(repo_id)
     if name is not None:

@@ -22,7 +22,6 @@ from huggingface_hub import get_session
 
 from ..errors import HubConnectionError, HubError, HubIntegrityError
 from .limits import MAX_REDIRECTS, TIMEOUT_ENV
-from .transport import http
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -109,4 +108,4 @@ class _Decoder:
         return out
 
 
-__all__ = ["body", "get", "http", "origin", "overdue"]
+__all__ = ["body", "get", "origin", "overdue"]
