@@ -145,6 +145,16 @@ def test_fit_accuracy_probabilities_and_loss_on_a_dataset_equal_the_example_list
         accuracy(prompt_model(), dd, tokenizer)
 
 
+def test_multi_task_fit_on_datasets_per_task_equals_example_lists(tokenizer):
+    lists = {"a": EXAMPLES[:12], "b": EXAMPLES[12:]}
+    losses = []
+    for data in (lists, {"a": as_dataset(lists["a"]), "b": lists["b"]}):    # datasets and lists may mix
+        torch.manual_seed(0)
+        model = ph.compose(tiny.bert(), ph.Poly(tasks=["a", "b"], skills=2, rank=2), head=True)
+        losses.append(fit(model, data, tokenizer, steps=3, batch_size=8, lr=0.01, progress=False))
+    assert losses[0] == losses[1]
+
+
 def sources(n: int = 3) -> dict[str, ph.ModularModel]:
     out = {}
     for i in range(n):

@@ -50,15 +50,15 @@ class Examples(list):
 
 
 def _datasets_types(*names: str) -> tuple[type, ...]:
-    """The named classes of `datasets` when it is imported (no object of them can exist otherwise)."""
+    """The named classes of `datasets` when it is imported (no object of them can exist otherwise);
+    () when not, which isinstance() matches with nothing."""
     module = sys.modules.get("datasets")
     return tuple(getattr(module, n) for n in names if hasattr(module, n)) if module else ()
 
 
 def is_dataset_dict(data: Any) -> bool:
     """True for a `datasets.DatasetDict` (a Mapping of splits, not of tasks)."""
-    return bool(_datasets_types("DatasetDict", "IterableDatasetDict")) and \
-        isinstance(data, _datasets_types("DatasetDict", "IterableDatasetDict"))
+    return isinstance(data, _datasets_types("DatasetDict", "IterableDatasetDict"))
 
 
 def as_examples(data: Any, split: str | None = None, columns: Mapping[str, str | None] | None = None,
@@ -92,8 +92,7 @@ def as_examples(data: Any, split: str | None = None, columns: Mapping[str, str |
             raise DataError(f"item {i} is a {type(e).__name__}, not an Example")
         if not isinstance(e.label, int) or isinstance(e.label, bool) or not 0 <= e.label < MAX_LABELS:
             raise DataError(f"item {i}: label {e.label!r} is not an integer id in [0, {MAX_LABELS})")
-    if label_names is not None:
-        out.label_names = tuple(label_names)
+    out.label_names = tuple(label_names) if label_names is not None else getattr(data, "label_names", None)
     return out
 
 
@@ -104,9 +103,9 @@ def from_datasets(data: Any, split: str | None = None, columns: Mapping[str, str
     of Example lists (and of other kinds of examples, such as generative ones).
     """
     kinds = _datasets_types("Dataset", "DatasetDict", "IterableDataset", "IterableDatasetDict")
-    if kinds and isinstance(data, kinds):
+    if isinstance(data, kinds):
         return as_examples(data, split, columns)
-    if isinstance(data, Mapping) and kinds and any(isinstance(v, kinds) for v in data.values()):
+    if isinstance(data, Mapping) and any(isinstance(v, kinds) for v in data.values()):
         return {task: as_examples(v, split, columns) if isinstance(v, kinds) else v for task, v in data.items()}
     if split is not None or columns is not None:
         raise DataError(f"split= and columns= apply to a datasets.Dataset or DatasetDict, got {type(data).__name__}")
