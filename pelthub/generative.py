@@ -77,6 +77,9 @@ def _sets(model: nn.Module, adapters: Sequence[str] | None, tasks: Sequence[str 
         raise ConfigError(f"name each set to evaluate once (at least one), got {chosen}")
     if adapters is not None:
         return chosen, "adapter_names", chosen
+    if not getattr(model, "task_names", None):
+        raise ConfigError("tasks= needs a model routed over tasks (Poly, PerTask); this one routes none; "
+                          "evaluate module sets with adapters= instead")
     ids = model.task_index(chosen).tolist()  # checks the names and indices
     return [model.task_names[i] for i in ids], "task_ids", ids
 

@@ -112,7 +112,7 @@ def fit(model: nn.Module, data: Data, tokenizer: Any, steps: int = 100, batch_si
     Learning rates per group as in `param_groups`: routing logits and prefix MLPs get
     their own defaults relative to `lr` unless `lr_routing` is given.
     """
-    data = from_datasets(data, split, columns)
+    data = data if is_generative(data) else from_datasets(data, split, columns)
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(param_groups(model, lr, lr_routing, weight_decay))

@@ -152,6 +152,10 @@ def test_bad_generative_input_is_refused_with_the_fix(tok):
         evaluate(model, [G("a", "b", task="t")], tok)
     with pytest.raises(ConfigError, match="unknown metrics"):
         evaluate(model, DATA, tok, metrics=["bleu"])
+    with pytest.raises(ConfigError, match="routes none"):
+        evaluate(model, DATA, tok, tasks=["p"])
+    with pytest.raises(ConfigError, match="once"):
+        evaluate(model, DATA, tok, adapters=["default", "default"])
 
 
 # ------------------------------------------------------------------ evaluation against hand references
@@ -239,6 +243,17 @@ def test_fit_trains_a_seq2seq_task(tok):
     before = evaluate(model, DATA, tok)["loss"]
     fit(model, DATA, tok, steps=10, batch_size=4, lr=3e-2, progress=False)
     assert evaluate(model, DATA, tok)["loss"] < before - 1.0
+
+
+def test_fit_on_a_datasets_table_equals_fit_on_the_example_list(tok):
+    import datasets
+    table = datasets.Dataset.from_dict({"input": [e.input for e in DATA], "target": [e.target for e in DATA]})
+    runs = []
+    for data in (DATA, table, {"p": table}):
+        model = ph.compose(tiny.gpt2(), PerTask((ph.LoRA(r=2),), tasks=["p"])) if isinstance(data, dict) \
+            else ph.attach(tiny.gpt2(), ph.LoRA(r=2))
+        runs.append(fit(model, data, tok, steps=3, batch_size=2, lr=1e-2, progress=False))
+    assert runs[1] == runs[0] and runs[2] == pytest.approx(runs[0], abs=1e-5)
 
 
 def test_fit_routes_per_task_examples_to_their_task(tok):

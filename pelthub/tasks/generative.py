@@ -96,7 +96,7 @@ def is_generative(data: Any) -> bool:
     if hasattr(data, "column_names"):
         return {"input", "target"} <= set(data.column_names)
     if isinstance(data, Mapping):
-        data = next(iter(data.values()), ())
+        return is_generative(next(iter(data.values()), ()))
     first = next(iter(data), None) if isinstance(data, Sequence) else None
     return isinstance(first, GenerativeExample) or (isinstance(first, Mapping) and {"input", "target"} <= set(first))
 
