@@ -139,7 +139,11 @@ def push(registry: "Registry", ref: str, repo_id: str, revision: str | None = No
 
 
 def _create(hub: Any, repo_id: str, private: bool) -> tuple[str, bool]:
-    """(repo id, whether this call created it)."""
+    """(repo id, whether this call created it).
+
+    Later steps of a push run where a failure deletes the repo again and is
+    reported as a HubError; this first one parses the Hub's answer itself.
+    """
     try:
         return hub.create_repo(repo_id, private=private, exist_ok=False).repo_id, True
     except HfHubHTTPError as e:
@@ -147,6 +151,9 @@ def _create(hub: Any, repo_id: str, private: bool) -> tuple[str, bool]:
         if status == 409 or status == 403 and hub.repo_exists(repo_id):  # there already (403: may not create here)
             return repo_id, False
         raise
+    except (ValueError, LookupError, TypeError, AttributeError) as e:  # the client reading a malformed answer
+        raise HubError(f"cannot create {repo_id}: the Hub at {public(hub.endpoint)} answered malformed JSON "
+                       f"({type(e).__name__}); check the endpoint (endpoint=, HF_ENDPOINT)") from None
 
 
 def _deleted(hub: Any, repo_id: str, error: Exception, what: str, endpoint: str | None, token: str | None,

@@ -201,3 +201,11 @@ def test_malformed_repo_metadata_is_a_hub_error(local_hub, eve, answer, error):
     with pytest.raises(HubError) as caught:
         eve.pull("eve/lora", endpoint=local_hub.endpoint)
     assert type(caught.value) is error and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("answer", [b"not json", b"[5]", b"{}"])
+def test_a_malformed_answer_to_creating_a_repo_is_a_hub_error(local_hub, regs, lora_ref, answer):
+    local_hub.fail("POST", r"^/api/repos/create$", body=answer)
+    with pytest.raises(HubError, match="answered malformed JSON") as caught:
+        regs[0].push(lora_ref, "alice/x", endpoint=local_hub.endpoint)
+    assert type(caught.value) is HubError and "\n" not in str(caught.value)
