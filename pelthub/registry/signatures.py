@@ -28,7 +28,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..errors import ConfigError, ModuleFormatError, RegistryError
-from ..model.io import WEIGHTS_FILE, read_description
+from ..model.io import WEIGHTS_FILE, read_description, read_header
 from ..model.modular import ModularModel
 from ..modules.base import site_name
 from ..modules.lora import top_right_singular
@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from .registry import Registry
 
 FILE = "signatures.sqlite"
+DELETE = f"delete it (and {FILE}-wal): pelthub recomputes the signatures from the registry's blobs"
+LAYERS = ".lora.layers."
 METRIC = "arrow_routing"
 Signature = dict[str, torch.Tensor]            # site → prototype (in,)
 Table = dict[str, tuple[torch.Tensor, torch.Tensor]]  # site → (candidate indices (n,), prototypes (n, in))
@@ -57,8 +59,7 @@ def _connect(root: Path) -> Iterator[sqlite3.Connection]:
                        "PRIMARY KEY (weights, site))")
             yield db
     except sqlite3.Error as e:
-        raise RegistryError(f"cannot use {path} ({e}): it is damaged or was not written by pelthub; delete it (and "
-                            f"{FILE}-wal): pelthub recomputes the signatures from the registry's blobs") from None
+        raise RegistryError(f"cannot use {path} ({e}): it is damaged or was not written by pelthub; {DELETE}") from None
 
 
 def compute(directory: str | Path) -> Signature | None:
@@ -67,7 +68,7 @@ def compute(directory: str | Path) -> Signature | None:
     sets = [(name, configs) for name, configs in info["modules"].items()]
     if len(sets) != 1 or [c.get("kind") for c in sets[0][1]] != ["lora"]:
         return None
-    prefix = f"adapters.{sets[0][0]}.lora.layers."
+    prefix = f"adapters.{sets[0][0]}{LAYERS}"
     weights = Path(directory) / WEIGHTS_FILE
     with safe_open(str(weights), framework="pt") as f:
         names = set(f.keys())
@@ -98,11 +99,20 @@ def record(root: Path, directory: str | Path, weights_sha: str) -> Signature | N
 
 
 def stored(registry: "Registry", ref: str) -> Signature | None:
-    """The stored signature of a registered module (computed now if it was added before signatures)."""
+    """The stored signature of a registered module (computed now if it was added before signatures),
+    checked against the widths its weights file declares."""
     card = registry.get(ref)
     sha = card.files[WEIGHTS_FILE]["sha256"]
-    return _read(registry.root, "WHERE weights = ?", (sha,)).get(sha) or record(registry.root,
-                                                                                registry.path(card.ref), sha)
+    signature = _read(registry.root, "WHERE weights = ?", (sha,)).get(sha)
+    if signature is None:
+        return record(registry.root, registry.path(card.ref), sha)
+    widths = {site_name(name.split(LAYERS, 1)[1][:-len(".lora_a")]): shape[-1]
+              for name, (shape, _) in read_header(registry.blobs.path(sha)).items()
+              if LAYERS in name and name.endswith(".lora_a")}
+    if {site: len(v) for site, v in signature.items()} != widths:
+        raise RegistryError(f"{registry.root / FILE}: the signature of {card.ref} does not fit its weights (sites or "
+                            f"widths differ); {DELETE}")
+    return signature
 
 
 def _read(root: Path, where: str = "", args: tuple = ()) -> dict[str, Signature]:
@@ -114,8 +124,7 @@ def _read(root: Path, where: str = "", args: tuple = ()) -> dict[str, Signature]
         if not (isinstance(sha, str) and isinstance(site, str) and isinstance(vec, bytes) and vec
                 and len(vec) % 4 == 0):
             raise RegistryError(f"{root / FILE} holds a damaged row (weights {str(sha)[:16]}..., site "
-                                f"{str(site)[:80]}); delete it (and {FILE}-wal): pelthub recomputes the signatures "
-                                "from the registry's blobs")
+                                f"{str(site)[:80]}); {DELETE}")
         out.setdefault(sha, {})[site] = torch.from_numpy(np.frombuffer(vec, dtype=np.float32).copy())
     return out
 
@@ -126,6 +135,11 @@ def table(signatures: Sequence[Signature]) -> Table:
     for i, sig in enumerate(signatures):
         for site in sig:
             members.setdefault(site, []).append(i)
+    widths = {site: {len(signatures[i][site]) for i in ids} for site, ids in members.items()}
+    for site, found in widths.items():
+        if len(found) > 1:  # one base model, one width per site: a stored row was damaged
+            raise RegistryError(f"the stored signatures of {site} differ in width ({sorted(found)}); {FILE} is "
+                                f"damaged: {DELETE}")
     return {site: (torch.tensor(ids), torch.stack([signatures[i][site] for i in ids])) for site, ids in members.items()}
 
 

@@ -210,15 +210,16 @@ def test_a_damaged_index_is_a_registry_error_naming_it(reg, damage):
     assert snapshot(reg.root) == before
 
 
-@pytest.mark.parametrize("damage", ["garbage", "wrong schema", "bad row"])
+@pytest.mark.parametrize("damage", ["garbage", "wrong schema", "bad row", "wrong width"])
 def test_a_damaged_signatures_file_is_a_registry_error_saying_delete_it(reg, damage):
     path = reg.root / signatures.FILE
     if damage == "garbage":
         path.write_bytes(os.urandom(8192))
     else:
         run_sql(path, "CREATE TABLE signatures (weights TEXT, vec BLOB)" if damage == "wrong schema"
-                else "UPDATE signatures SET vec = x'010203'", fresh=damage == "wrong schema")
-    if damage != "bad row":
+                else f"UPDATE signatures SET vec = x'{'010203' if damage == 'bad row' else '00' * 8}'",
+                fresh=damage == "wrong schema")
+    if damage in ("garbage", "wrong schema"):
         error = pelt_only(reg.add, trained(ph.LoRA(r=2), seed=5), name="new")
     else:
         error = pelt_only(signatures.stored, reg, "keep")
@@ -227,6 +228,11 @@ def test_a_damaged_signatures_file_is_a_registry_error_saying_delete_it(reg, dam
     path.unlink()
     assert reg.add(trained(ph.LoRA(r=2), seed=5), name="new") == "new@1"
     assert signatures.stored(reg, "keep").keys() == signatures.compute(reg.path("keep")).keys()
+
+
+def test_stored_signatures_of_two_widths_at_one_site_are_a_registry_error():
+    error = pelt_only(signatures.table, [{"s": torch.ones(3)}, {"s": torch.ones(4)}, {"t": torch.ones(2)}])
+    assert isinstance(error, RegistryError) and "s differ in width ([3, 4])" in str(error)
 
 
 # ----------------------------------------------------------------- strays
