@@ -24,6 +24,7 @@ from ..errors import HubConnectionError, HubError, HubIntegrityError
 from .limits import MAX_REDIRECTS, TIMEOUT_ENV
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+ACCEPT_ENCODING = "gzip, deflate"  # what `_Decoder` undoes (the session would offer br/zstd where installed)
 
 
 def origin(url: Any) -> tuple[str, str, int | None]:
@@ -47,6 +48,7 @@ def get(url: str, headers: dict[str, str], what: str, where: str, deadline: floa
         params: dict[str, Any] | None = None) -> Iterator[Any]:
     """The streamed answer to GET `url` after at most MAX_REDIRECTS redirects (query `params` on the first hop)."""
     session = get_session()
+    headers = {**headers, "Accept-Encoding": ACCEPT_ENCODING}
     for _ in range(MAX_REDIRECTS + 1):
         if time.monotonic() > deadline:
             raise overdue(what, where, deadline_s)
