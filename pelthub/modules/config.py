@@ -194,15 +194,13 @@ def flag(owner: str, field: str, value: Any) -> None:
 
 def one_of(owner: str, field: str, value: Any, allowed: Iterable[Any]) -> None:
     allowed = tuple(allowed)
-    if not any(type(value) is type(a) and value == a for a in allowed):  # 1 == True, but 1 is not a flag
+    if value not in allowed:
         raise ConfigError(f"{owner}.{field} must be one of {list(allowed)}, got {value!r:.80}")
 
 
 def task_names(owner: str, value: Any) -> Any:
     """Task names as given, or "0" … "n-1" for a count n; a count over MAX_TASKS is refused before expanding."""
-    if isinstance(value, bool) or isinstance(value, float):
-        raise ConfigError(f"{owner}.tasks must be a list of task names or their number, got {value!r}")
-    if isinstance(value, int):
+    if type(value) is int:  # not True: a bool is left for validate() to refuse, like 1.9
         positive_int(owner, "tasks", value, MAX_TASKS)
         return tuple(str(i) for i in range(value))
     if isinstance(value, (list, tuple)) and len(value) > MAX_TASKS:

@@ -1,4 +1,4 @@
-"""Strict JSON for every file pelthub reads: pelthub.json, registry cards, PEFT's adapter_config.json.
+"""Strict JSON for the config files pelthub reads: pelthub.json and PEFT's adapter_config.json.
 
 Python's json module accepts what no JSON writer of ours emits and what would turn into
 wrong numbers or raw exceptions further in: `NaN` / `Infinity` and overflowing literals

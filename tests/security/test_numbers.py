@@ -67,6 +67,7 @@ API = {
     "int as attempt flag": (lambda: AttentionMixConfig(sources=("a",), mask_padding=0), "mask_padding"),
     "nan poly alpha": (lambda: ph.Poly(tasks=2, alpha=NAN), "Poly.alpha"),
     "a billion poly tasks": (lambda: ph.Poly(tasks=10 ** 9), "Poly.tasks"),
+    "one task over the cap": (lambda: ph.Poly(tasks=16_385), "Poly.tasks must be an integer from 1 to 16,384"),
     "fractional task count": (lambda: ph.PerTask(modules=ph.LoRA(), tasks=1.9), "PerTask.tasks"),
     "nan dropout": (lambda: ph.LoRA(dropout=NAN), "LoRA.dropout"),
     "int as prompt text": (lambda: ph.Prompt(init="text", text=5), "Prompt.text"),
