@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import numbers
 import os
@@ -30,6 +29,7 @@ from ..errors import ConfigError, ModuleFormatError, NotFoundError, RegistryErro
 from ..model import ModularModel, from_pretrained
 from ..model.io import (CONFIG_FILE, WEIGHTS_FILE, base_model_info, check_compatible, check_finite, read_description,
                         read_header)
+from ..modules import jsonsafe
 from ..version import __version__
 from . import signatures
 from .blobs import BlobStore, file_sha256
@@ -365,11 +365,7 @@ class Registry:
     # ----- helpers -----
     def _card(self, row: tuple[int, str, int, str]) -> Card:
         where = f"card {row[1]}@{row[2]} in {self.index.path}"
-        try:
-            data = json.loads(row[3])
-        except json.JSONDecodeError as e:
-            raise ModuleFormatError(f"{where} is not valid JSON: {e}") from None
-        return Card.from_dict(data, where=where)
+        return Card.from_dict(jsonsafe.loads(row[3], where, ModuleFormatError), where=where)
 
     def _not_found(self, name: str, version: int | None) -> str:
         versions = [r[2] for r in self.index.versions(name)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -231,3 +232,14 @@ def test_a_3000_layer_base_config_is_refused_before_it_is_built(peft_dir, tmp_pa
     e = refused(lambda: import_peft(peft_dir, registry=reg, base=str(tmp_path / "deep")))
     assert "num_hidden_layers must be an integer from 0 to 512" in str(e)
     assert time.perf_counter() - start < 5 and nothing_written(reg)
+
+
+@pytest.mark.parametrize("text", [DEEP, '{"name": NaN}', HUGE_INT])
+def test_an_odd_card_in_the_registry_index_is_a_format_error(text, lora_dir, tmp_path):
+    """The index holds each card as JSON text; a damaged row is refused with the row named, not parsed raw."""
+    reg = ph.Registry(tmp_path / "reg")
+    ref = reg.add(lora_dir, name="m")
+    with sqlite3.connect(reg.index.path) as db:
+        db.execute("UPDATE cards SET card = ?", (text,))
+    db.close()
+    assert "card m@1" in str(refused(lambda: reg.get(ref)))
