@@ -5,10 +5,13 @@ them through the Hugging Face Hub, rank source prompts for a new task, and
 compose modules by routing, gating and attention.
 """
 from .composition import Average, Stack, WeightedSum, compose, merge, search_weights
+from .composition.merge import merge_prefixes
 from .errors import PeltError
 from .generative import evaluate, generate_texts
 from .model import ModularModel, attach, from_pretrained
+from .model.trainer import SaveModulesCallback
 from .modules import IA3, Bottleneck, Compacter, LNTuning, LoRA, Prefix, Prompt
+from .modules import DSEE, MAM, VPT, KAdaptation
 from .hub import Registry
 from .routing import Arrow, Poly
 from .routing.attention import AttentionMix
@@ -32,3 +35,6 @@ __all__ += ["Average", "Stack", "UniPELT", "WeightedSum", "merge", "search_weigh
 __all__ += ["Arrow", "PerTask", "doctor", "rank_sources"]
 __all__ += ["as_examples"]
 __all__ += ["GenerativeExample", "evaluate", "generate_texts"]
+__all__ += ["SaveModulesCallback"]
+__all__ += ["merge_prefixes"]
+__all__ += ["DSEE", "KAdaptation", "MAM", "VPT"]

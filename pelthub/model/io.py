@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 CONFIG_FILE = "pelthub.json"
 WEIGHTS_FILE = "modules.safetensors"
+TRAINER_WEIGHTS_FILE = "model.safetensors"  # what transformers.Trainer writes for a model that is no PreTrainedModel
 FORMAT_VERSION = 1
 MAX_CONFIG_BYTES = 16 << 20  # a pelthub.json is kilobytes; refuse to parse more than this
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
@@ -86,6 +87,10 @@ def save_modules(model: "ModularModel", directory: str | os.PathLike, **meta: An
 
 def read_description(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / CONFIG_FILE
+    if not path.is_file() and (Path(directory) / TRAINER_WEIGHTS_FILE).is_file():
+        raise ModuleFormatError(f"{path} not found: {TRAINER_WEIGHTS_FILE} there is a transformers.Trainer save, "
+                                "which holds the module tensors but not their configs; train with "
+                                "Trainer(..., callbacks=[ph.SaveModulesCallback()]) or call model.save_pretrained(dir)")
     if not path.is_file():
         raise ModuleFormatError(f"{path} not found: a pelthub module directory holds {CONFIG_FILE} and "
                                 f"{WEIGHTS_FILE} (write one with model.save_pretrained(dir))")
@@ -137,6 +142,12 @@ def check_compatible(info: dict[str, Any], base: nn.Module, where: str) -> None:
 def _arch(info: dict[str, Any]) -> str:
     f = info.get("fingerprint", {})
     return f"{f.get('model_type')}, hidden {f.get('hidden')}, {f.get('layers')} layers, fingerprint {str(f.get('sha256'))[:12]}"
+
+
+def weights_file(directory: str | os.PathLike) -> Path:
+    """modules.safetensors, or Trainer's model.safetensors (ModularModel.state_dict: the same tensor names)."""
+    ours, trainers = Path(directory) / WEIGHTS_FILE, Path(directory) / TRAINER_WEIGHTS_FILE
+    return trainers if not ours.is_file() and trainers.is_file() else ours
 
 
 def read_header(weights: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -236,7 +247,7 @@ def load_modules(model: "ModularModel", directory: str | os.PathLike, strict_bas
     data = read_description(directory)
     if strict_base:
         check_compatible(data["base_model"], model.base, str(directory))
-    weights = Path(directory) / WEIGHTS_FILE
+    weights = weights_file(directory)
     header = read_header(weights)
     saved_heads = data.get("heads", {})
     data["modules"] = {name: _configs(name, configs, directory) for name, configs in data["modules"].items()}
