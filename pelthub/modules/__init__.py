@@ -2,11 +2,15 @@
 from .bottleneck import Bottleneck
 from .compacter import Compacter
 from .config import ModuleConfig, config_from_dict, known_kinds
+from .dsee import DSEE
 from .ia3 import IA3
+from .kadaptation import KAdaptation
 from .ln import LNTuning
 from .lora import LoRA
+from .mam import MAM
 from .prefix import Prefix
 from .prompt import Prompt
+from .vpt import VPT
 
-__all__ = ["Bottleneck", "Compacter", "IA3", "LNTuning", "LoRA", "ModuleConfig", "Prefix", "Prompt",
-           "config_from_dict", "known_kinds"]
+__all__ = ["Bottleneck", "Compacter", "DSEE", "IA3", "KAdaptation", "LNTuning", "LoRA", "MAM", "ModuleConfig",
+           "Prefix", "Prompt", "VPT", "config_from_dict", "known_kinds"]
