@@ -30,7 +30,7 @@ from ..modules.base import PeltModule
 from ..modules.config import Buildable, ModuleConfig, Sourced
 from ..modules.prompt import PromptModule
 from .blocks import Block, Stack, load_single, load_source, parents
-from .merge import merge
+from .merge import merge, merge_prefixes
 
 Part = Union[ModuleConfig, Sourced, Block, str, os.PathLike, ModularModel, PeltModule]
 
@@ -88,10 +88,12 @@ def attach_copy(model: ModularModel, name: str, module: PeltModule, head: bool |
 
 
 def weighted_sum(modules: list[PeltModule], weights: tuple[float, ...]) -> PeltModule:
-    """Σᵢ wᵢ·Mᵢ as one module: LoRA by exact concatenation, prompts by summing the prompt tensors."""
+    """Σᵢ wᵢ·Mᵢ as one module: LoRA by exact concatenation, prompts and prefixes by summing their tensors."""
     kinds = {m.config.kind for m in modules}
     if kinds == {"lora"}:
         return merge(modules, weights, method="cat")
+    if kinds == {"prefix"}:
+        return merge_prefixes(modules, weights)
     if kinds == {"prompt"}:
         shapes = {tuple(m.embeddings.shape) for m in modules}
         if len(shapes) > 1:
@@ -100,8 +102,8 @@ def weighted_sum(modules: list[PeltModule], weights: tuple[float, ...]) -> PeltM
         with torch.no_grad():
             values = torch.einsum("k,kld->ld", torch.tensor(weights), torch.stack([m.embeddings for m in modules]))
         return PromptModule(modules[0].config, values)
-    raise ConfigError(f"WeightedSum and Average combine LoRA or prompt modules of one kind, got {sorted(kinds)}; "
-                      "use Stack to apply other modules in sequence")
+    raise ConfigError(f"WeightedSum and Average combine LoRA or prompt (or prefix) modules of one kind, "
+                      f"got {sorted(kinds)}; use Stack to apply other modules in sequence")
 
 
 def _groups(blocks: tuple[Part, ...], registry: Any) -> list[list[Buildable] | Block]:

@@ -16,6 +16,10 @@ and weights wᵢ, at every adapted site:
 
 The result is a `LoRAModule` with scale 1 (α = r) that attaches like any module:
 `ph.compose(base, merged)`; `model.save_pretrained(dir)` then saves it.
+
+`merge_prefixes` is prefix merging: prefixes trained on related tasks averaged (P = Σᵢ wᵢPᵢ
+over their (L, 2·N·heads·head_dim) key/value tensors) into one direct prefix, the start of
+few-shot tuning on a new target task.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from ..model import ModularModel
 from ..modules.base import site_name
 from ..modules.config import finite_numbers, positive_int
 from ..modules.lora import LoRA, LoRALinear, LoRAModule
+from ..modules.prefix import Prefix, PrefixModule
 from .blocks import Source, load_single
 
 METHODS = ("linear", "cat", "svd", "ties")
@@ -64,13 +69,7 @@ def merge(modules: Sequence[Source], weights: Sequence[float] | None = None, met
 
 def lora_sources(modules: Sequence[Source], base: nn.Module | None, registry: Any = None) -> list[LoRAModule]:
     """Resolve sources to LoRA modules adapting the same sites with the same shapes."""
-    if not modules:
-        raise ConfigError("merge needs at least one LoRA module")
-    bases = {m.sites.fingerprint()["sha256"] for m in modules if isinstance(m, ModularModel)}
-    if len(bases) > 1:
-        raise IncompatibleModuleError("the LoRA modules were trained on base models of different architectures; "
-                                      "merge modules of one base model")
-    loras = [load_single(m, base, registry) for m in modules]
+    loras = one_base_sources(modules, "LoRA", base, registry)
     kinds = [m.config.kind for m in loras]
     if any(k != "lora" for k in kinds):
         raise ConfigError(f"merge takes LoRA modules only, got kinds {kinds}")
@@ -88,6 +87,48 @@ def lora_sources(modules: Sequence[Source], base: nn.Module | None, registry: An
             raise IncompatibleModuleError(f"LoRA module {i} has other layer sizes than module 0: they were trained on "
                                           "different base models")
     return loras
+
+
+def one_base_sources(modules: Sequence[Source], kind: str, base: nn.Module | None, registry: Any) -> list[Any]:
+    """The one module of each source, refusing none at all and sources attached to different bases."""
+    if not modules:
+        raise ConfigError(f"merge needs at least one {kind} module")
+    bases = {m.sites.fingerprint()["sha256"] for m in modules if isinstance(m, ModularModel)}
+    if len(bases) > 1:
+        raise IncompatibleModuleError(f"the {kind} modules were trained on base models of different architectures; "
+                                      "merge modules of one base model")
+    return [load_single(m, base, registry) for m in modules]
+
+
+def merge_prefixes(modules: Sequence[Source], weights: Sequence[float] | None = None, base: nn.Module | None = None,
+                   registry: Any = None) -> PrefixModule:
+    """One direct prefix (`Prefix(hidden=None)`), P = Σᵢ wᵢPᵢ, from prefixes of one length at the same layers.
+
+    modules: prefix sources (PrefixModule, ModularModel holding one prefix, saved directory or
+    registry ref; the last two need `base`). weights: one per module, default 1/K. A source
+    still carrying its reparameterisation MLP counts with the prefix its MLP computes. The
+    result is trainable: attach it (`ph.compose(base, merged)`) and unfreeze it to tune few-shot.
+    """
+    prefixes = one_base_sources(modules, "prefix", base, registry)
+    kinds = [m.config.kind for m in prefixes]
+    if any(k != "prefix" for k in kinds):
+        raise ConfigError(f"merge_prefixes takes prefix modules only, got kinds {kinds}")
+    w = torch.tensor(check_weights(weights, len(prefixes)))
+    first = prefixes[0]
+    for i, m in enumerate(prefixes[1:], 1):
+        if m.shape != first.shape:
+            raise IncompatibleModuleError(f"prefix {i} sits at (layers, heads, head_dim) {m.shape}, prefix 0 at "
+                                          f"{first.shape}: they were trained on different base models; "
+                                          "merge prefixes of one base")
+        if m.config.length != first.config.length:
+            raise IncompatibleModuleError(f"prefix {i} has length {m.config.length}, prefix 0 {first.config.length}; "
+                                          "merge prefixes of one length")
+    # d (the MLP's input width) is unused: a direct prefix has no MLP
+    merged = PrefixModule(Prefix(length=first.config.length, hidden=None), 0, *first.shape)
+    with torch.no_grad():
+        flats = torch.stack([m.flat().float() for m in prefixes])
+        merged.values.copy_(torch.einsum("k,klw->lw", w.to(flats.dtype), flats))
+    return merged
 
 
 def check_weights(weights: Sequence[float] | None, k: int) -> list[float]:
