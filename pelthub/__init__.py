@@ -6,7 +6,6 @@ compose modules by routing, gating and attention.
 """
 from .composition import Average, Stack, WeightedSum, compose, merge, search_weights
 from .composition.merge import merge_prefixes
-from .composition.merge import merge_prefixes
 from .errors import PeltError
 from .generative import evaluate, generate_texts
 from .model import ModularModel, attach, from_pretrained
@@ -39,4 +38,3 @@ __all__ += ["GenerativeExample", "evaluate", "generate_texts"]
 __all__ += ["SaveModulesCallback"]
 __all__ += ["merge_prefixes"]
 __all__ += ["DSEE", "KAdaptation", "MAM", "VPT"]
-__all__ += ["merge_prefixes"]
