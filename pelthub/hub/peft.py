@@ -37,7 +37,8 @@ from ..modules import jsonsafe
 from ..modules.config import MAX_LAYERS, MAX_SIZE, MAX_VOCAB, one_of
 from ..registry import Registry, require_registry
 from ..registry.card import HUB_ID_RE
-from .client import bounded, resolve
+from .client import bounded, endpoint_of, resolve
+from .wire import origin
 from .fetch import download
 from .peft_methods import FROM_PEFT, PEFT_TYPES, PREFIX, PROMPT_LEARNING, TO_PEFT, Tensors
 from .sync import refuse_squatting, write_folder
@@ -215,7 +216,9 @@ def import_peft(source: str | os.PathLike, registry: Registry | None = None, nam
             refuse_squatting(registry, _safe_name(adapter.name), adapter.source,
                              f"pass name= to register it under another name, e.g. import_peft({str(source)!r}, "
                              "name='<new name>') (`pelthub import --name`)")
-        model = ModularModel(_base_for(adapter, base, token, timeout))
+        # the base's config is read from the default Hub: a token= paired with another endpoint stays there
+        base_token = token if origin(endpoint_of(endpoint)) == origin(endpoint_of(None)) else None
+        model = ModularModel(_base_for(adapter, base, base_token, timeout))
         try:
             _attach(model, adapter, "default", tasks)
             return registry.add(model, name=name or _safe_name(adapter.name), task=task, tags=tags,
@@ -372,7 +375,7 @@ def weightless_base(name: str, cls: str = "AutoModel", revision: str | None = No
     built, so module names match those of the model as it was saved.
     """
     try:
-        with bounded(timeout):
+        with bounded(timeout, None, token):
             config = transformers.AutoConfig.from_pretrained(name, revision=revision, token=token)
         check_sizes(config.to_dict(), f"the config of base model {name!r}")
         saved = (getattr(config, "architectures", None) or [""])[0]
