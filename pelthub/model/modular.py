@@ -19,7 +19,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError, DuplicateNameError, ModuleFormatError, RoutingError
+from ..errors import ConfigError, DuplicateNameError, ModuleFormatError, RoutingError, UnsupportedModelError
 from ..modules.base import CallContext, CallState, Handle, PeltModule, site_key, site_name
 from ..modules.config import Buildable
 from ..modules.grouped import as_ids
@@ -173,6 +173,13 @@ class ModularModel(nn.Module):
         for m in modules:
             if not _provides(m, "merge_into"):
                 m.merge_into(self.base)  # raises the explanatory ConfigError
+        packed = quantized_layers(self.base)
+        if modules and packed:
+            raise UnsupportedModelError(
+                f"merge_and_unload cannot fold modules into quantized weights ({', '.join(packed[:3])}"
+                f"{', ...' if len(packed) > 3 else ''} hold packed integers, not a dense matrix to add to); load the "
+                "base without quantization (no quantization_config), ph.from_pretrained the saved modules onto it, "
+                "and merge there, or keep the modules attached")
         heads = {site_name(k): h for hs in self.heads.values() for k, h in hs.items()}
         self.detach()
         for m in modules:
@@ -401,6 +408,13 @@ class ModularModel(nn.Module):
         if self.parents:
             meta.setdefault("parents", self.parents)
         save_modules(self, directory, **meta)
+
+
+def quantized_layers(base: nn.Module) -> list[str]:
+    """Names of layers whose weight is stored quantized (bitsandbytes 4-bit/8-bit: integers, or packed 4-bit
+    in a float storage dtype), so a weight update cannot be added to it."""
+    return [name for name, m in base.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
+            and (not m.weight.is_floating_point() or type(m.weight).__name__ in ("Params4bit", "Int8Params"))]
 
 
 class StackedHooksWarning(UserWarning):

@@ -1,0 +1,104 @@
+"""Quantized bases (bitsandbytes 4-bit nf4/fp4 and 8-bit, on CPU): the reference is the same model whose
+linears hold the dequantized weights in float32, so only the quantized kernels differ."""
+import pytest
+import torch
+from torch import nn
+
+import pelthub as ph
+from pelthub.errors import UnsupportedModelError
+from tests import tiny
+
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install bitsandbytes)")
+
+KINDS = ("nf4", "fp4", "int8")
+CONFIGS = {"lora": ph.LoRA(r=2), "ia3": ph.IA3(), "prompt": ph.Prompt(length=2), "bottleneck": ph.Bottleneck(reduction=4)}
+# On CPU bitsandbytes dequantizes and multiplies in float32 for all three kinds (measured: at most 1.5e-7 from the
+# reference on logits of size 0.4), so the tolerance is summation order; a CUDA int8 kernel would also round activations.
+TOLERANCE = {kind: dict(rtol=1e-5, atol=1e-5) for kind in KINDS}
+
+
+def quantized(kind: str, seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """(a tiny Llama whose decoder linears are bitsandbytes layers, the same Llama holding their dequantized weights)."""
+    model, reference = tiny.llama(seed=seed), tiny.llama(seed=seed)
+    for name, lin in list(model.model.layers.named_modules()):
+        if type(lin) is not nn.Linear:
+            continue
+        parent, _, child = name.rpartition(".")
+        w = lin.weight.data.clone()
+        if kind == "int8":
+            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None, has_fp16_weights=False)
+            q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+        else:
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, quant_type=kind,
+                                  compute_dtype=torch.float32)
+            q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=kind)
+        q = q.to("cpu")  # quantizes
+        model.model.layers.get_submodule(parent).register_module(child, q)
+        reference.model.layers.get_submodule(name).weight.data.copy_(dequantized(q))
+    return model, reference
+
+
+def dequantized(q: nn.Module) -> torch.Tensor:
+    if isinstance(q, bnb.nn.Linear8bitLt):
+        return q.weight.data.float() * q.weight.SCB.float()[:, None] / 127
+    return bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state)
+
+
+def test_the_helper_quantizes_every_decoder_linear_and_the_reference_is_close_to_the_original():
+    model, reference = quantized("nf4")
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 14  # 7 linears x 2 layers
+    original = tiny.llama()
+    w, rw = original.model.layers[0].mlp.up_proj.weight, reference.model.layers[0].mlp.up_proj.weight
+    assert not torch.equal(w, rw) and (w - rw).norm() < 0.35 * w.norm()  # rounded to 4 bits (another matrix: ~1.4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_modules_on_a_quantized_base_equal_the_dequantized_reference_and_train_only_the_modules(kind, config):
+    base, reference = quantized(kind)
+    model, ref = ph.attach(base, CONFIGS[config]), ph.attach(reference, CONFIGS[config])
+    tiny.perturb(model)
+    ref.load_state_dict(model.state_dict())
+    inputs = tiny.batch("llama")
+    torch.testing.assert_close(tiny.run(model, inputs), tiny.run(ref, inputs), **TOLERANCE[kind])
+    model(**inputs).logits.square().mean().backward()
+    own = dict(model.module_parameters())
+    assert own and all(p.grad is not None and p.grad.abs().sum() > 0 for p in own.values() if p.requires_grad)
+    assert all(p.grad is None for p in base.parameters())  # the quantized weights and the rest of the base stay out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mixed_batch_of_two_loras_on_a_quantized_base_equals_each_alone(kind):
+    base, _ = quantized(kind)
+    model = ph.attach(base, ph.LoRA(r=2), name="a")
+    ph.attach(model, ph.LoRA(r=2), name="b")
+    tiny.perturb(model)
+    inputs = tiny.batch("llama")
+    alone = {n: tiny.run(model, inputs, adapter_names=[n] * len(inputs["input_ids"])) for n in ("a", "b")}
+    mixed = tiny.run(model, inputs, adapter_names=["a", "b", "a"][: len(inputs["input_ids"])])
+    for row, n in enumerate(["a", "b", "a"][: len(inputs["input_ids"])]):
+        torch.testing.assert_close(mixed[row], alone[n][row], **TOLERANCE[kind])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_and_load_on_a_quantized_base_round_trips(kind, tmp_path):
+    base, _ = quantized(kind)
+    model = ph.attach(base, ph.LoRA(r=2))
+    tiny.perturb(model)
+    inputs = tiny.batch("llama")
+    expected = tiny.run(model, inputs)
+    model.save_pretrained(tmp_path)
+    loaded = ph.from_pretrained(quantized(kind)[0], tmp_path)
+    torch.testing.assert_close(tiny.run(loaded, inputs), expected, **TOLERANCE[kind])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_and_unload_into_a_quantized_base_is_refused_and_leaves_the_model_as_it_was(kind):
+    base, _ = quantized(kind)
+    model = ph.attach(base, ph.LoRA(r=2))
+    tiny.perturb(model)
+    inputs = tiny.batch("llama")
+    before = tiny.run(model, inputs)
+    with pytest.raises(UnsupportedModelError, match="quantized.*model.layers.0.self_attn.q_proj.*without quantization"):
+        model.merge_and_unload()
+    torch.testing.assert_close(tiny.run(model, inputs), before, rtol=0, atol=0)  # still attached, nothing written
