@@ -221,7 +221,7 @@ def _read_log(registry: "Registry") -> list[dict[str, Any]]:
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             entry = json.loads(line)
-        except json.JSONDecodeError:  # a torn last line from a crash: the others still count
+        except (ValueError, RecursionError):  # a torn last line from a crash: the others still count
             continue
         if isinstance(entry, dict) and _is_hub_source(entry):
             entries.append(entry)

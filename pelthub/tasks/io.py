@@ -171,6 +171,8 @@ def load_jsonl(path: str | os.PathLike[str], label_names: Sequence[str] | None =
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise _fail(path, number, f"invalid JSON ({e.msg} at column {e.colno})") from None
+        except (ValueError, RecursionError) as e:  # an integer of thousands of digits; nesting that exhausts the stack
+            raise _fail(path, number, f"unreadable JSON ({type(e).__name__}: {str(e)[:80]})") from None
         if not isinstance(row, dict):
             raise _fail(path, number, f"expected a JSON object, got {type(row).__name__}")
         try:
