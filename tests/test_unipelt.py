@@ -250,3 +250,11 @@ def test_gates_on_flattened_ffn_rows_stay_per_example():
         gates = model.adapters["composed"]["unipelt"].gate_values()
     torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-5)
     assert all(g.shape == (1,) for parts in gates.values() for g in parts.values())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.5, 1.5, True, "1"])
+def test_force_gate_refuses_values_a_gate_cannot_take(value):
+    model = ph.compose(tiny.BUILDERS["bert"](), APL)
+    with pytest.raises(ConfigError, match="force_gate"):
+        unipelt(model).force_gate("lora", value)
+    assert "lora" not in unipelt(model).forced

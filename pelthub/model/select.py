@@ -51,10 +51,6 @@ def set_adapter(model: "ModularModel", name: str | None) -> None:
     model.selection.active = name
 
 
-def active_adapter(model: "ModularModel") -> str | None:
-    return model.selection.active
-
-
 def selected_ids(model: "ModularModel", adapter_names: Any, batch: int) -> torch.Tensor | None:
     """The set index of every example for this call, or None when the call does not select.
 

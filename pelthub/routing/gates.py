@@ -150,6 +150,9 @@ class UniPELTModule(PeltModule):
             raise ConfigError(f"this UniPELT has no {part!r} submodule; it has {list(self.parts)}")
         if value is None:
             self.forced.pop(part, None)
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ConfigError(f"force_gate({part!r}, {value!r}): a gate is a number in [0, 1] (a sigmoid's range), "
+                              "or None to learn it again")
         else:
             self.forced[part] = float(value)
 
