@@ -9,7 +9,6 @@ from .composition.merge import merge_prefixes
 from .errors import PeltError
 from .generative import evaluate, generate_texts
 from .model import ModularModel, attach, from_pretrained
-from .model.trainer import SaveModulesCallback
 from .modules import IA3, Bottleneck, Compacter, LNTuning, LoRA, Prefix, Prompt
 from .modules import DSEE, MAM, VPT, KAdaptation
 from .hub import Registry
@@ -21,6 +20,14 @@ from .tasks import as_examples
 from .tasks.generative import GenerativeExample
 from .transfer import rank_sources
 from .version import __version__
+
+
+def __getattr__(name: str) -> type:
+    """SaveModulesCallback loads transformers' Trainer modules (seconds: they import peft), so only when used."""
+    if name == "SaveModulesCallback":
+        from .model.trainer import SaveModulesCallback
+        return SaveModulesCallback
+    raise AttributeError(f"module 'pelthub' has no attribute {name!r}")
 
 
 def doctor(quick: bool = False) -> int:

@@ -90,7 +90,8 @@ def read_description(directory: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file() and (Path(directory) / TRAINER_WEIGHTS_FILE).is_file():
         raise ModuleFormatError(f"{path} not found: {TRAINER_WEIGHTS_FILE} there is a transformers.Trainer save, "
                                 "which holds the module tensors but not their configs; train with "
-                                "Trainer(..., callbacks=[ph.SaveModulesCallback()]) or call model.save_pretrained(dir)")
+                                "Trainer(..., callbacks=[ph.SaveModulesCallback()]) (it writes them to args.output_dir "
+                                "and every checkpoint), or call model.save_pretrained(dir) for another folder")
     if not path.is_file():
         raise ModuleFormatError(f"{path} not found: a pelthub module directory holds {CONFIG_FILE} and "
                                 f"{WEIGHTS_FILE} (write one with model.save_pretrained(dir))")

@@ -29,6 +29,7 @@ class SaveModulesCallback(TrainerCallback):
     `Trainer(model, args, callbacks=[ph.SaveModulesCallback()])`; then
     `ph.from_pretrained(base, args.output_dir)` after `trainer.save_model()`, and
     `ph.from_pretrained(base, f"{args.output_dir}/checkpoint-{step}")` for any checkpoint.
+    `trainer.save_model(other_dir)` fires no callback: use `model.save_pretrained(other_dir)` there.
     """
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
