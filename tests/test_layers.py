@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1] / "pelthub"
 # Bottom to top; the README's "Architecture" section draws the same list.
 LAYERS = [
     {"errors", "version", "sites", "tasks", "training", "generative"},
-    {"modules"},
+    {"modules", "tfew"},
     {"model"},
     {"registry"},
     {"composition"},
