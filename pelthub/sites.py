@@ -400,12 +400,18 @@ class Sites:
         label counts shares a fingerprint; any change of sizes or layers changes it.
         """
         backbone = getattr(self.model, "base_model", self.model)
-        shapes = sorted((_unparametrized(n), list(p.shape)) for n, p in backbone.named_parameters())
+        shapes = sorted((_unparametrized(n), list(_logical_shape(p))) for n, p in backbone.named_parameters())
         body = json.dumps({"model_type": self.model_type, "params": shapes}, sort_keys=True)
         g = self.geometry
         return {"sha256": hashlib.sha256(body.encode()).hexdigest(), "model_type": g.model_type,
                 "hidden": g.hidden, "layers": g.layers, "heads": g.heads,
                 "vocab": g.vocab or None}  # image and audio encoders (ViT, CLIP vision) have no vocabulary
+
+
+def _logical_shape(p: nn.Parameter) -> tuple[int, ...]:
+    """A weight's shape before quantization (bitsandbytes packs a 4-bit (out, in) weight into (out * in / 2, 1)),
+    so modules trained on a 4-bit base load onto the full-precision one and back."""
+    return getattr(getattr(p, "quant_state", None), "shape", None) or p.shape
 
 
 def _unparametrized(name: str) -> str:

@@ -102,3 +102,37 @@ def test_merge_and_unload_into_a_quantized_base_is_refused_and_leaves_the_model_
     with pytest.raises(UnsupportedModelError, match="quantized.*model.layers.0.self_attn.q_proj.*without quantization"):
         model.merge_and_unload()
     torch.testing.assert_close(tiny.run(model, inputs), before, rtol=0, atol=0)  # still attached, nothing written
+
+
+def test_qlora_loaded_as_users_load_it_trains_with_trainer_and_its_checkpoint_loads_on_either_base(tmp_path):
+    """BitsAndBytesConfig through from_pretrained (what QLoRA users run), Trainer, then the checkpoint back onto a
+    fresh 4-bit base (equal outputs) and onto the full-precision base (the usual way to serve it)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    torch.manual_seed(0)  # widths of 64: bitsandbytes' CPU inference kernel needs in_features >= its block size
+    config = transformers.LlamaConfig(vocab_size=tiny.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    four_bit = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.float32)
+
+    def load(**kw):
+        return transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map="cpu", **kw)
+
+    model = ph.attach(load(quantization_config=four_bit), ph.LoRA(r=2))
+    assert isinstance(model.base.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    inputs = tiny.batch("llama")
+    data = [{"input_ids": ids, "attention_mask": mask, "labels": ids}
+            for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, max_steps=2,
+                                          save_steps=2, learning_rate=1e-2)
+    start = {n: p.clone() for n, p in model.module_parameters()}
+    transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[ph.SaveModulesCallback()]).train()
+    assert all(not torch.equal(p, start[n]) for n, p in model.module_parameters() if n.endswith("B"))  # trained
+    model.eval()
+    expected = tiny.run(model, inputs)
+    loaded = ph.from_pretrained(load(quantization_config=four_bit), tmp_path / "out" / "checkpoint-2")
+    torch.testing.assert_close(tiny.run(loaded, inputs), expected, rtol=1e-5, atol=1e-5)
+    full = ph.from_pretrained(load(), tmp_path / "out" / "checkpoint-2")  # the same architecture, unpacked
+    trained = model.state_dict()
+    assert trained and all(torch.equal(v, trained[k]) for k, v in full.state_dict().items())
