@@ -18,6 +18,7 @@ from .routing.gates import UniPELT
 from .routing.tasks import PerTask
 from .tasks import as_examples
 from .tasks.generative import GenerativeExample
+from .recycle import recycle
 from .tfew import choice_batches, tfew_ia3, tfew_loss
 from .transfer import rank_sources
 from .version import __version__
@@ -47,3 +48,4 @@ __all__ += ["SaveModulesCallback"]
 __all__ += ["merge_prefixes"]
 __all__ += ["DSEE", "KAdaptation", "MAM", "VPT"]
 __all__ += ["choice_batches", "tfew_ia3", "tfew_loss"]
+__all__ += ["recycle"]
