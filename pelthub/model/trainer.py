@@ -34,12 +34,12 @@ class SaveModulesCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: Any = None, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
+        if args.should_save:  # where Trainer writes its own files (every node with save_on_each_node)
             _write(_modular(model), Path(args.output_dir))
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 model: Any = None, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
+        if args.should_save:
             _write(_modular(model), Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
