@@ -243,6 +243,7 @@ def test_kadaptation_shared_slow_weights_learn_from_every_layer():
     def grad(slow):
         module.zero_grad()
         model(**inputs).logits.square().sum().backward()
+        assert slow.grad is not None
         return slow.grad.clone()
 
     for target, slow in module.slow.items():
@@ -258,6 +259,8 @@ def test_kadaptation_round_trip_refusals_and_checks(tmp_path):
     inputs = tiny.batch("bert")
     model = ph.attach(tiny.bert(), ph.KAdaptation(n=2))
     _perturb(model)
+    saved = {id(p) for _, p in model.module_parameters()}
+    assert all(id(a) in saved for a in model.adapters["default"]["kadaptation"].slow.values())  # shared, saved once
     _round_trip(model, tiny.bert(), inputs, tmp_path)
     _refusals(model, ph.KAdaptation(), tmp_path)
     with pytest.raises(ConfigError, match="KAdaptation.a=5 must divide"):
