@@ -104,3 +104,20 @@ def test_models_with_nothing_to_cache_are_refused():
         ph.recycle(bert4(), inputs)
     with pytest.raises(ConfigError, match="one row count"):
         ph.recycle(top_lora(), {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"][:2]})
+
+
+@pytest.mark.parametrize("arch,target", [("llama", "model.layers.1.self_attn.q_proj"),
+                                         ("gpt2", "transformer.h.1.attn.c_attn")])
+def test_causal_lms_recycle_exactly(arch, target):
+    model = ph.attach(tiny.BUILDERS[arch](), ph.LoRA(r=2, targets=(target,)))
+    tiny.perturb(model, seed=1, scale=0.3)
+    inputs = tiny.batch(arch)
+    hidden, top = ph.recycle(model.eval(), inputs)
+    full = model(**inputs, labels=inputs["input_ids"])
+    cached = top(hidden, **inputs, labels=inputs["input_ids"])
+    assert top.start == 1 and torch.equal(cached.logits, full.logits)
+    full.loss.backward()
+    want = grads(model)
+    model.zero_grad()
+    cached.loss.backward()
+    assert all(torch.equal(g, want[n]) for n, g in grads(model).items())
