@@ -18,6 +18,7 @@ import pelthub as ph
 from pelthub.errors import ConfigError, UnsupportedModelError
 from pelthub.hub.peft import export
 from pelthub.routing.tasks import PerTask
+from pelthub.sites import Sites
 from tests import tiny, tiny_more
 
 run = tiny.run
@@ -175,13 +176,25 @@ def test_dsee_pruning_drops_the_ratio_of_smallest_merged_weights(tmp_path):
     merged = torch.cat([_weight(expected, n).abs().flatten() for n in names])
     threshold = merged.sort().values[int(0.2 * merged.numel()) - 1]
     module.prune(base, 0.2)
-    dropped = sum(int((~layer.keep).sum()) for layer in module.layers.values())
+    dropped = sum(int((layer.keep == 0).sum()) for layer in module.layers.values())
     assert dropped == int(0.2 * merged.numel())
     for n in names:
         w = _weight(expected, n)
         _set_linear(expected, n, torch.where(w.abs() > threshold, w, torch.zeros_like(w)))
     torch.testing.assert_close(run(model, inputs), run(expected, inputs), rtol=1e-5, atol=1e-5)
+    assert module.config.pruned == 0.2
+    _round_trip(model, tiny.bert(), inputs, tmp_path)   # the masks reload with the module
     torch.testing.assert_close(run(model.merge_and_unload(), inputs), run(expected, inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_dsee_configured_pruned_prunes_the_pretrained_weights_at_attach():
+    base = tiny.bert()
+    weights = torch.cat([_weight(base, n).flatten() for n in Sites(base).find("q") + Sites(base).find("v")])
+    model = ph.attach(base, ph.DSEE(pruned=0.25))
+    keeps = [layer.keep for layer in model.adapters["default"]["dsee"].layers.values()]
+    assert sum(int((k == 0).sum()) for k in keeps) == weights.numel() // 4
+    assert torch.cat([k.flatten() for k in keeps]).bool().equal(weights.abs() > weights.abs().sort().values[
+        weights.numel() // 4 - 1])
 
 
 def test_dsee_round_trip_refusals_and_checks(tmp_path):

@@ -11,10 +11,12 @@ entries these N outrank). S is stored as its N values on Ω and Ω as their (row
 positions, so S cannot leave Ω: no mask has to be re-applied after an optimizer step.
 
 With N = 0 DSEE is LoRA with A ~ N(0, 0.02²). The update is linear, so it merges exactly.
-`prune(ratio)` is DSEE's second stage: global magnitude pruning of the merged weights W + ΔW
-over every adapted layer; each layer then computes M ⊙ (W + ΔW), and A, B, S go on training with
-the masks fixed. The masks live on the module until `merge_and_unload`, which writes the pruned
-weights; they are not saved with the module (save the merged model instead).
+`prune(base, ratio)` is DSEE's second stage: global magnitude pruning of the merged weights
+W + ΔW over every adapted layer; each layer then computes M ⊙ (W + ΔW), and A, B, S go on
+training with the masks fixed. The ratio is recorded in the config (`pruned`) and the masks M are
+saved with the module (0/1 tensors, never trained), so a pruned module reloads pruned;
+`merge_and_unload` writes M ⊙ (W + ΔW). A config with `pruned` set prunes the pretrained W
+(ΔW = 0) when first attached.
 """
 from __future__ import annotations
 
@@ -37,12 +39,14 @@ class DSEE(ModuleConfig):
 
     r, alpha: the low-rank part's rank and scale numerator (update scaled by alpha / r, sparse part too).
     support: N, the entries of S per layer (0: plain LoRA). targets: as for LoRA (default q and v).
+    pruned: the fraction of W + ΔW pruned by magnitude (DSEE's stage 2 uses 0.2); 0: none.
     """
 
     kind: ClassVar[str] = "dsee"
     r: int = 16
     alpha: float = 32.0
     support: int = 16
+    pruned: float = 0.0
     targets: tuple[str, ...] | None = None
 
     def validate(self) -> None:
@@ -51,6 +55,7 @@ class DSEE(ModuleConfig):
         if self.support != 0:
             positive_int("DSEE", "support", self.support, MAX_SIZE * MAX_SIZE)
         targets("DSEE", self.targets)
+        probability("DSEE", "pruned", self.pruned)
 
     def build(self, base: nn.Module, sites: Sites, init: bool = True, **_: object) -> "DSEEModule":
         names = dict.fromkeys(n for found in sites.resolve(self.targets or sites.default_targets("lora"),
@@ -61,11 +66,14 @@ class DSEE(ModuleConfig):
             if self.support > in_features * out_features:
                 raise ConfigError(f"DSEE.support={self.support} is more entries than {name} has "
                                   f"({out_features}×{in_features}); choose at most {in_features * out_features}")
-            layer = DSEELinear(in_features, out_features, self.r, self.alpha, self.support)
+            layer = DSEELinear(in_features, out_features, self.r, self.alpha, self.support, self.pruned > 0)
             if init:
                 layer.choose_support(weight_of(sites.names[name]))
             layers[name] = layer
-        return DSEEModule(self, layers)
+        module = DSEEModule(self, layers)
+        if init and self.pruned:
+            module.prune(base, self.pruned)
+        return module
 
 
 def weight_of(module: nn.Module) -> torch.Tensor:
@@ -86,14 +94,15 @@ def sparse_support(weight: torch.Tensor, rank: int, n: int) -> torch.Tensor:
 class DSEELinear(nn.Module):
     """The update of one linear layer: a LoRA (`lora`) plus S's `values` at positions `support`."""
 
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, n: int):
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, n: int, pruned: bool = False):
         super().__init__()
         self.lora = LoRALinear(in_features, out_features, r, alpha)
         nn.init.normal_(self.lora.lora_a, std=0.02)
         self.values = nn.Parameter(torch.zeros(n))
         # (row, column) of Ω, float so it saves with the module tensors (exact below 2**24); never trained
         self.support = nn.Parameter(torch.zeros(n, 2), requires_grad=False)
-        self.keep: torch.Tensor | None = None  # the stage-2 pruning mask of the base weight (out, in), if pruned
+        # the stage-2 pruning mask M (out, in) of W + ΔW, 1 = kept; float to save with the module; never trained
+        self.keep = nn.Parameter(torch.ones(out_features, in_features), requires_grad=False) if pruned else None
 
     def rows_cols(self) -> tuple[torch.Tensor, torch.Tensor]:
         index = self.support.long()
@@ -143,22 +152,23 @@ class DSEEModule(PeltModule):
             if layer.keep is None:
                 return out
             # pruned: the layer computes M ⊙ (W + ΔW), so the dropped entries' share leaves the output
-            dropped = (weight_of(target).to(layer.values.dtype) + layer.delta_weight()) * ~layer.keep
+            dropped = (weight_of(target).to(layer.values.dtype) + layer.delta_weight()) * (1 - layer.keep)
             return out - (x.to(dropped.dtype) @ dropped.T).to(out.dtype)
         return update
 
     @torch.no_grad()
     def prune(self, base: nn.Module, ratio: float) -> None:
         """Stage 2: drop the fraction `ratio` of the entries of W + ΔW with the smallest magnitude, over all
-        adapted layers at once, from the base weights' forward (the masks stay fixed from here on)."""
-        probability("DSEE.prune", "ratio", ratio)
+        adapted layers at once (the masks stay fixed from here on, and replace any earlier ones)."""
+        config = self.config.replace(pruned=ratio)  # validates the ratio before anything changes
         merged = {k: (weight_of(base.get_submodule(site_name(k))).float() + layer.delta_weight()).abs()
                   for k, layer in self.layers.items()}
         every = torch.cat([m.flatten() for m in merged.values()])
         count = int(round(ratio * every.numel()))
-        threshold = every.kthvalue(count).values if count else every.new_tensor(-1.0)
+        threshold = every.kthvalue(max(count, 1)).values
         for k, layer in self.layers.items():
-            layer.keep = merged[k] > threshold
+            layer.keep = nn.Parameter((merged[k] > threshold).float(), requires_grad=False) if count else None
+        self.config = config
 
     @torch.no_grad()
     def merge_into(self, base: nn.Module) -> None:
