@@ -84,6 +84,24 @@ def test_mam_is_prefix_plus_scaled_parallel_adapter_attached_by_hand():
     assert not torch.equal(run(mam, inputs), prefix_only)
 
 
+def test_mam_parts_serve_a_mixed_task_batch_under_per_task():
+    """PerTask takes MAM's two parts (not MAM itself): each example equals MAM with its task's tensors."""
+    from pelthub.routing.tasks import per_task_module
+    inputs = tiny.batch("bert", b=3)
+    parts = (ph.Prefix(length=4, hidden=None), ph.Bottleneck(placement="parallel", reduction=2, scale=4.0))
+    model = ph.compose(tiny.bert(), PerTask(parts, tasks=["a", "b"]))
+    _perturb(model, seed=8)
+    rows = per_task_module(model).tasks
+    mixed = run(model, inputs, task_ids=[0, 1, 0])
+    for t, row in enumerate(rows):
+        mam = ph.attach(tiny.bert(), ph.MAM(prefix_length=4, prefix_hidden=None))
+        module = mam.adapters["default"]["mam"]
+        module.prefix_part.load_state_dict(row["prefix"].state_dict())
+        module.adapter.layers.load_state_dict(row["bottleneck"].layers.state_dict())
+        for i in (i for i, task in enumerate([0, 1, 0]) if task == t):
+            torch.testing.assert_close(mixed[i], run(mam, inputs)[i], rtol=1e-5, atol=1e-6)
+
+
 def test_mam_bottleneck_is_512_capped_at_half_the_hidden_size(tmp_path):
     assert (ph.MAM().width(1024), ph.MAM().width(768), ph.MAM().width(32)) == (512, 384, 16)
     base, inputs = tiny.bert(), tiny.batch("bert")
@@ -92,6 +110,8 @@ def test_mam_bottleneck_is_512_capped_at_half_the_hidden_size(tmp_path):
     _perturb(model)
     _round_trip(model, tiny.bert(), inputs, tmp_path)
     _refusals(model, ph.MAM(), tmp_path)
+    with pytest.raises(ConfigError, match="mam modules cannot be merged"):
+        model.merge_and_unload()
     with pytest.raises(ConfigError, match="MAM.scale must hold finite numbers"):
         ph.MAM(scale=float("inf"))
     with pytest.raises(ConfigError, match=r"MAM.scale must be a finite number in \(0"):
@@ -347,7 +367,7 @@ def test_vpt_round_trip_refusals_and_checks(tmp_path):
     _perturb(model)
     _round_trip(model, tiny_more.family("vit"), inputs, tmp_path)
     _refusals(model, ph.VPT(), tmp_path)
-    with pytest.raises(ConfigError, match="merged into the base weights"):
+    with pytest.raises(ConfigError, match="vpt modules cannot be merged.*supports lora, ia3, ln, dsee and kadaptation"):
         model.merge_and_unload()
     with pytest.raises(UnsupportedModelError, match="VPT prompts vision and audio.*ph.Prompt"):
         ph.attach(tiny.bert(), ph.VPT())

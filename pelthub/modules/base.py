@@ -139,7 +139,7 @@ class PeltModule(nn.Module):
         """Fold this module into the base weights (only for kinds where that is exact)."""
         from ..errors import ConfigError
         raise ConfigError(f"{self.config.kind} modules cannot be merged into the base weights; "
-                          "merge_and_unload supports lora, ia3 and ln")
+                          "merge_and_unload supports lora, ia3, ln, dsee and kadaptation")
 
 
 def site_key(name: str) -> str:

@@ -10,6 +10,9 @@ A preset of two existing parts, which the paper found the best mix at its budget
 The adapter's up-projection starts at zero, so only the prefix changes a fresh model. MAM computes
 exactly what attaching `Prefix(length, hidden)` and `Bottleneck(placement="parallel", scale=s,
 activation="relu")` of that bottleneck computes; it exists so the paper's recipe is one name.
+It needs attention that takes a cache (the prefix): ViT and CLIP vision refuse it. Per-task batches
+run those two parts under `PerTask(Prefix(...), Bottleneck(placement="parallel", ...))`; PerTask
+does not take MAM itself, and MAM does not merge into the base (the prefix is no weight update).
 """
 from __future__ import annotations
 
