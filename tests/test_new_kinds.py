@@ -373,3 +373,15 @@ def test_vpt_round_trip_refusals_and_checks(tmp_path):
         ph.attach(tiny.bert(), ph.VPT())
     with pytest.raises(ConfigError, match="VPT.length must be an integer"):
         ph.VPT(length=-1)
+
+def test_kadaptation_merge_refusal_leaves_the_model_attached():
+    base = tiny.BUILDERS["llama"]()
+    model = ph.attach(base, ph.KAdaptation(n=2))
+    for name, p in model.named_parameters():
+        if "bias" in name and p.requires_grad:
+            with torch.no_grad(): p.fill_(0.1)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    before = model(input_ids=ids).logits
+    with pytest.raises(ConfigError, match="bias"):
+        model.merge_and_unload()
+    assert model.adapters and torch.equal(model(input_ids=ids).logits, before)

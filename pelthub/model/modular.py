@@ -168,11 +168,15 @@ class ModularModel(nn.Module):
 
     @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:
-        """Fold every module into the base weights (LoRA, IA3, LN only) and return the base."""
+        """Fold every module into the base weights (LoRA, IA3, LN, DSEE, KAdaptation) and return the base.
+
+        Every module is checked before anything is detached: a refusal leaves the model as it was.
+        """
         modules = [m for s in self.adapters.values() for m in s.values()]
         for m in modules:
             if not _provides(m, "merge_into"):
                 m.merge_into(self.base)  # raises the explanatory ConfigError
+            m.check_merge(self.base)
         packed = quantized_layers(self.base)
         if modules and packed:
             raise UnsupportedModelError(

@@ -135,6 +135,9 @@ class PeltModule(nn.Module):
     def check_call(self, state: CallState) -> None:
         """After the base forward: raise if a hook this call needed did not run (overridden where it matters)."""
 
+    def check_merge(self, base: nn.Module) -> None:
+        """Raise if `merge_into(base)` would fail on this base: called on every module before any merges."""
+
     def merge_into(self, base: nn.Module) -> None:
         """Fold this module into the base weights (only for kinds where that is exact)."""
         from ..errors import ConfigError

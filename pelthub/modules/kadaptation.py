@@ -103,12 +103,15 @@ class KAdaptationModule(PeltModule):
                                  lambda out, x, layer=layer: layer.add_to(out, x, self.slow[layer.target]), ctx)
                 for k, layer in self.layers.items()]
 
-    @torch.no_grad()
-    def merge_into(self, base: nn.Module) -> None:
-        for key, layer in self.layers.items():  # every check before the first write
+    def check_merge(self, base: nn.Module) -> None:
+        for key, layer in self.layers.items():
             if base.get_submodule(site_name(key)).bias is None and layer.bias.any():
                 raise ConfigError(f"KAdaptation's bias at {site_name(key)} cannot merge: that layer has no bias; "
                                   "keep the module attached, or train it with the bias at zero")
+
+    @torch.no_grad()
+    def merge_into(self, base: nn.Module) -> None:
+        self.check_merge(base)  # every check before the first write
         for key, layer in self.layers.items():
             target = base.get_submodule(site_name(key))
             delta = layer.delta(self.slow[layer.target]) * layer.scale        # (in, out)
