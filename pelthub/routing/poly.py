@@ -221,9 +221,9 @@ class PolyModule(PeltModule):
         return [add_to_output(base.get_submodule(site_name(k)), partial(self._delta, k, ctx), ctx) for k in self.layers]
 
     def _hard(self, key: str, ctx: CallContext, _m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        """Hard routing: each example's own skill, the update fused into the output (`modules.grouped`)."""
         if ctx.bare:
             return out
-        """Hard routing: each example's own skill, the update fused into the output (`modules.grouped`)."""
         layer = self.layers[key]
         route = plan_once(ctx, self, out.shape[0], lambda b: self.task_ids(ctx, b, layer.lora_a.device))
         return lora_into(out, layer.dropout(args[0].to(layer.lora_a.dtype)), route, layer.skill)

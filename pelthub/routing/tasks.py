@@ -139,11 +139,11 @@ def per_task_module(model: nn.Module) -> PerTaskModule:
 
 
 def sum_of_task_means(losses: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    """Σ_t mean_{i ∈ t} ℓ_i for per-example losses (b,): each task's gradient is its separate run's."""
     task_ids = as_ids(task_ids, None, "task ids").to(losses.device)
     if task_ids.shape != losses.shape[:1] or losses.dim() != 1:
         raise RoutingError(f"sum_of_task_means takes one loss and one task id per example, got losses of shape "
                            f"{tuple(losses.shape)} and {task_ids.shape[0]} task ids")
-    """Σ_t mean_{i ∈ t} ℓ_i for per-example losses (b,): each task's gradient is its separate run's."""
     counts = torch.bincount(task_ids, minlength=int(task_ids.max()) + 1).to(losses.dtype)
     return (losses / counts[task_ids]).sum()
 
