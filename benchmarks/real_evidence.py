@@ -27,7 +27,7 @@ pick), per (target, seed) cell, mean ± 95 % CI over the cells. Then reuse at lo
 and LoRA from scratch, same steps.
 
 Inputs are cut at 48 tokens (code rows run longer; their signature and docstring come first).
---quick (≤ 5 min on 2 cores): 4 sources + 1 control, 2 targets × 3 seeds, no low-data table
+--quick (≤ 5 min on 2 cores): 3 sources + 1 control, 2 targets × 3 seeds, no low-data table
 (it does not fit). The default (≤ 30 min): 8 sources + 3 controls, 3 targets × 4 seeds, and
 the low-data table on deb_topics at 8/16/32/64 shots × 4 seeds.
 """
@@ -85,7 +85,7 @@ FULL = Budget(sources=("wn_bio_tech", "wn_num_text", "code_num_text", "wn_topics
               targets=("deb_bio_tech", "deb_num_text", "deb_topics"),
               seeds=4, source_steps=80, target_steps=16, shots=64, n_source=256,
               low_targets=("deb_topics",), low_shots=(8, 16, 32, 64), low_seeds=4)
-QUICK = replace(FULL, sources=("wn_bio_tech", "wn_num_text", "wn_people_places", "deb_sections"),
+QUICK = replace(FULL, sources=("wn_bio_tech", "wn_num_text", "deb_sections"),
                 controls=("wn_bio_tech",), targets=("deb_bio_tech", "deb_num_text"), seeds=3, source_steps=40,
                 target_steps=12, low_targets=())
 
@@ -350,7 +350,7 @@ def low_data(lab: Lab, sources: dict[str, Source], budget: Budget) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="4 sources + 1 control, 2 targets x 3 seeds (<= 5 min)")
+    parser.add_argument("--quick", action="store_true", help="3 sources + 1 control, 2 targets x 3 seeds (<= 5 min)")
     parser.add_argument("--seeds", type=int, help="target seeds")
     parser.add_argument("--length", type=int, default=10, help="prompt length")
     parser.add_argument("--lr", type=float, default=0.1, help="prompt learning rate (sources and targets)")

@@ -37,7 +37,7 @@ import torch
 
 from .errors import ConfigError
 
-SOURCES = ("wn_topics", "wn_bio_tech", "wn_num_text", "code_num_text", "wn_people_places", "deb_sections")
+SOURCES = ("wn_topics", "wn_bio_tech", "wn_num_text", "code_num_text", "deb_sections")
 TARGET = "deb_topics"
 SCRATCH = ("prompt tuning (scratch)", "LoRA r=8 (scratch)")
 
@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser, registry_option: bool = True)
     parser.add_argument("--target", default=TARGET, help="held-out real target task (pelthub.tasks.real)")
     parser.add_argument("--sources", nargs="+", default=list(SOURCES), help="real source tasks")
     parser.add_argument("--shots", type=int, default=32, help="target training examples")
-    parser.add_argument("--steps", type=int, default=40, help="training steps per method and per source")
+    parser.add_argument("--steps", type=int, default=30, help="training steps per method and per source")
     parser.add_argument("--length", type=int, default=10, help="soft prompt length")
     parser.add_argument("--out", default="outputs/demo", help="where the PNG heatmaps go")
     if registry_option:
