@@ -53,7 +53,7 @@ def default_model_path() -> str:
 def add_arguments(parser: argparse.ArgumentParser, registry_option: bool = True) -> None:
     """The demo's options; `registry_option=False` where the caller (the CLI) already has --registry."""
     parser.add_argument("--model", default=None, help="model path or Hub id (default: the bundled MiniLM)")
-    parser.add_argument("--target", default=TARGET, help="held-out real target task (pelthub.tasks.real)")
+    parser.add_argument("--target", default=TARGET, help="held-out target: a real task name (pelthub.tasks.real) or a saved DatasetDict folder")
     parser.add_argument("--sources", nargs="+", default=list(SOURCES), help="real source tasks")
     parser.add_argument("--shots", type=int, default=32, help="target training examples")
     parser.add_argument("--steps", type=int, default=30, help="training steps per method and per source")
@@ -221,11 +221,23 @@ def ranking_quality(name: str, scores: list[dict[str, float]], spot: list[dict[s
     return f"{name}: ρ {fmt_ci(*mean_ci(rho)[:2], signed=True)}, top-1 regret {fmt_ci(*mean_ci(regret)[:2])}"
 
 
+def target_task(args: argparse.Namespace, seed: int) -> Any:
+    """One seed's few-shot draw of the target: a real task by name, or a 🤗 DatasetDict saved with
+    `save_to_disk` (train split, and test / validation when present)."""
+    if Path(args.target).is_dir():
+        from .tasks import as_task
+        from .tasks.hf import load_saved
+        task = as_task(load_saved(args.target), Path(args.target).name)
+        return task.sample(args.shots, 0, None, seed=seed)
+    from .tasks.real import load_real_task
+    return load_real_task(args.target, n_train=args.shots, n_dev=None, n_test=None, seed=seed)
+
+
 def run(args: argparse.Namespace) -> dict[str, list[tuple[float, int, float]]]:
     from transformers.utils import logging as hf_logging
 
     from .routing.poly_export import plot_routing
-    from .tasks.real import load_real_task, real_task_info
+    from .tasks.real import load_real_task
     from .transfer import prompt_activations, score_matrix
     from .transfer.embedding import dataset_embedding
     from .transfer.plots import heatmap
@@ -240,14 +252,14 @@ def run(args: argparse.Namespace) -> dict[str, list[tuple[float, int, float]]]:
     print(f"model {demo.path}\nregistry {demo.registry.root}\n\n1. source prompts and LoRAs")
     refs = {task.name: demo.source(task, "prompt") for task in sources}
     loras = {task.name: demo.source(task, "lora") for task in sources}
-    labels = tuple(real_task_info(args.target)["label_names"])
+    labels = tuple(target_task(args, args.seed).label_names)
     heads = {t.name: demo.head(refs[t.name], t.num_labels) for t in sources if t.label_names == labels}
     embedded = {t.name: dataset_embedding(demo.base(2), t.train, demo.tokenizer) for t in sources}
 
     leep, cosine, spots, scratch, entropies = [], [], [], [], []
     for seed in range(args.seed, args.seed + args.seeds):
         demo.seed = seed
-        target = load_real_task(args.target, n_train=args.shots, n_dev=None, n_test=None, seed=seed)
+        target = target_task(args, seed)
         ranking = ph.rank_sources(demo.base(target.num_labels), target.train, refs, tokenizer=demo.tokenizer,
                                   registry=demo.registry)
         mine = dataset_embedding(demo.base(2), target.train, demo.tokenizer)

