@@ -9,8 +9,7 @@ from .composition.merge import merge_prefixes
 from .errors import PeltError
 from .generative import evaluate, generate_texts
 from .model import ModularModel, attach, from_pretrained
-from .modules import IA3, Bottleneck, Compacter, LNTuning, LoRA, Prefix, Prompt
-from .modules import DSEE, MAM, VPT, KAdaptation
+from .modules import DSEE, IA3, MAM, VPT, Bottleneck, Compacter, KAdaptation, LNTuning, LoRA, Prefix, Prompt
 from .hub import Registry
 from .routing import Arrow, Poly
 from .routing.attention import AttentionMix
@@ -38,14 +37,10 @@ def doctor(quick: bool = False) -> int:
     return report(quick=quick)
 
 
-__all__ = ["AttentionMix", "IA3", "Bottleneck", "Compacter", "LNTuning", "LoRA", "ModularModel", "PeltError",
-           "Poly", "Prefix", "Prompt", "Registry", "attach", "compose", "from_pretrained", "__version__"]
-__all__ += ["Average", "Stack", "UniPELT", "WeightedSum", "merge", "search_weights"]
-__all__ += ["Arrow", "PerTask", "doctor", "rank_sources"]
-__all__ += ["as_examples"]
-__all__ += ["GenerativeExample", "evaluate", "generate_texts"]
-__all__ += ["SaveModulesCallback"]
-__all__ += ["merge_prefixes"]
-__all__ += ["DSEE", "KAdaptation", "MAM", "VPT"]
-__all__ += ["choice_batches", "tfew_ia3", "tfew_loss"]
-__all__ += ["recycle"]
+__all__ = [
+    "AttentionMix", "Arrow", "Average", "Bottleneck", "Compacter", "DSEE", "GenerativeExample", "IA3", "KAdaptation",
+    "LNTuning", "LoRA", "MAM", "ModularModel", "PeltError", "PerTask", "Poly", "Prefix", "Prompt", "Registry",
+    "SaveModulesCallback", "Stack", "UniPELT", "VPT", "WeightedSum", "__version__", "as_examples", "attach",
+    "choice_batches", "compose", "doctor", "evaluate", "from_pretrained", "generate_texts", "merge", "merge_prefixes",
+    "rank_sources", "recycle", "search_weights", "tfew_ia3", "tfew_loss",
+]
