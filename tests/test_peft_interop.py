@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 import pelthub as ph
 from pelthub.errors import ConfigError, ModuleFormatError
 from pelthub.hub import export, from_peft, import_peft
-from pelthub.hub.peft import PEFT_PREFIX_NEEDS_PAST, PeftCompatibilityWarning, backbone_takes_past_key_values
+from pelthub.hub.peft import PEFT_PREFIX_NEEDS_PAST, PeftCompatibilityWarning, peft_refuses_cache_prefix
 from tests import tiny
 
 peft = pytest.importorskip("peft")
@@ -53,13 +53,13 @@ CASES = {  # name: (architecture, config, head, needs task ids)
 
 
 def peft_refuses_prefix(arch, task_type):
-    """PEFT <= 0.21.2 runs a prefix for SEQ_CLS-style tasks only if the backbone's forward names past_key_values,
-    which transformers 5.24 renamed to cache (and BERT is the only such backbone here)."""
-    return arch == "bert" and task_type in PEFT_PREFIX_NEEDS_PAST and not backbone_takes_past_key_values()
+    """PEFT <= 0.21.x runs a prefix for SEQ_CLS-style tasks only if the backbone's forward names past_key_values,
+    which transformers 5.24 renamed to cache (and BERT is the only such backbone here); PEFT 0.22 reads either."""
+    return arch == "bert" and task_type in PEFT_PREFIX_NEEDS_PAST and peft_refuses_cache_prefix()
 
 
 def assert_peft_refuses(model, inputs):
-    """The refusal is PEFT's own, for exactly that reason; when a PEFT release accepts `cache=`, this fails."""
+    """The refusal is PEFT's own, for exactly that reason (asserted only where `peft_refuses_cache_prefix` says so)."""
     with pytest.raises(ValueError, match="does not support past key values"):
         model(**inputs)
 

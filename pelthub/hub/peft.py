@@ -13,6 +13,7 @@ kind (plus, optionally, its trained task head, which PEFT calls
 """
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import json
 import os
@@ -26,6 +27,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 import transformers
+from packaging.version import Version
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -118,8 +120,8 @@ def to_peft(folder: str | os.PathLike, directory: str | os.PathLike, task_type: 
     state.update({f"{prefix}{site_name(k.split('.', 1)[0])}.{k.split('.', 1)[1]}": t for k, t in heads.items()})
     task_type = task_type or _task_type(head_names, fp.get("model_type"))
     one_of("export", "task_type", task_type, TASK_CLASSES)
-    if kind == "prefix" and task_type in PEFT_PREFIX_NEEDS_PAST and not backbone_takes_past_key_values():
-        warnings.warn(f"PEFT (0.21.2 and older) refuses prefix tuning with task_type={task_type!r} on transformers "
+    if kind == "prefix" and task_type in PEFT_PREFIX_NEEDS_PAST and peft_refuses_cache_prefix():
+        warnings.warn(f"PEFT (0.21.x and older) refuses prefix tuning with task_type={task_type!r} on transformers "
                       f"{transformers.__version__}, whose models take the cache as `cache=`, not `past_key_values=` "
                       "(\"Model does not support past key values\"). The exported files are correct: they load and "
                       "run in PEFT on transformers 5.23 and older, and in pelthub on any release",
@@ -146,6 +148,19 @@ class PeftCompatibilityWarning(UserWarning):
 def backbone_takes_past_key_values() -> bool:
     """Whether this transformers' backbones still name `past_key_values` in their forward (PEFT checks that)."""
     return "past_key_values" in inspect.signature(transformers.BertModel.forward).parameters
+
+
+def peft_refuses_cache_prefix() -> bool:
+    """Whether the installed PEFT refuses a SEQ_CLS-style prefix on this transformers: PEFT up to 0.21.x
+    requires a backbone forward that names `past_key_values` (transformers 5.24 renamed it `cache`);
+    0.22 accepts either. Without PEFT installed, the files go to whichever PEFT the user has: warn."""
+    if backbone_takes_past_key_values():
+        return False
+    try:
+        installed = Version(importlib.metadata.version("peft"))
+    except importlib.metadata.PackageNotFoundError:
+        return True
+    return installed < Version("0.22.0")
 
 
 def _under(tensors: Tensors, prefix: str) -> Tensors:
