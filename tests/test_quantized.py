@@ -1,5 +1,5 @@
-"""Quantized bases (bitsandbytes 4-bit nf4/fp4 and 8-bit, on CPU): the reference is the same model whose
-linears hold the dequantized weights in float32, so only the quantized kernels differ."""
+"""Quantized bases (bitsandbytes 4-bit nf4/fp4 and 8-bit, torchao int8 weight-only, on CPU): the reference is the
+same model whose linears hold the dequantized weights in float32, so only the quantized kernels differ."""
 import pytest
 import torch
 from torch import nn
@@ -9,17 +9,25 @@ from pelthub.errors import UnsupportedModelError
 from tests import tiny
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install bitsandbytes)")
+torchao = pytest.importorskip("torchao.quantization", reason="torchao is not installed (pip install torchao)")
 
-KINDS = ("nf4", "fp4", "int8")
+KINDS = ("nf4", "fp4", "int8", "torchao-int8")
 CONFIGS = {"lora": ph.LoRA(r=2), "ia3": ph.IA3(), "prompt": ph.Prompt(length=2), "bottleneck": ph.Bottleneck(reduction=4)}
 # On CPU bitsandbytes dequantizes and multiplies in float32 for all three kinds (measured: at most 1.5e-7 from the
 # reference on logits of size 0.4), so the tolerance is summation order; a CUDA int8 kernel would also round activations.
+# torchao's int8 weight-only layer on CPU also multiplies in float32 (measured: at most 1.4e-7).
 TOLERANCE = {kind: dict(rtol=1e-5, atol=1e-5) for kind in KINDS}
 
 
 def quantized(kind: str, seed: int = 0) -> tuple[nn.Module, nn.Module]:
     """(a tiny Llama whose decoder linears are bitsandbytes layers, the same Llama holding their dequantized weights)."""
     model, reference = tiny.llama(seed=seed), tiny.llama(seed=seed)
+    if kind == "torchao-int8":
+        torchao.quantize_(model.model.layers, torchao.Int8WeightOnlyConfig())
+        for name, lin in model.model.layers.named_modules():
+            if isinstance(lin, nn.Linear):
+                reference.model.layers.get_submodule(name).weight.data.copy_(dequantized(lin))
+        return model, reference
     for name, lin in list(model.model.layers.named_modules()):
         if type(lin) is not nn.Linear:
             continue
@@ -39,6 +47,8 @@ def quantized(kind: str, seed: int = 0) -> tuple[nn.Module, nn.Module]:
 
 
 def dequantized(q: nn.Module) -> torch.Tensor:
+    if type(q.weight).__module__.startswith("torchao."):
+        return q.weight.dequantize()
     if isinstance(q, bnb.nn.Linear8bitLt):
         return q.weight.data.float() * q.weight.SCB.float()[:, None] / 127
     return bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state)
@@ -47,6 +57,8 @@ def dequantized(q: nn.Module) -> torch.Tensor:
 def test_the_helper_quantizes_every_decoder_linear_and_the_reference_is_close_to_the_original():
     model, reference = quantized("nf4")
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 14  # 7 linears x 2 layers
+    ao, _ = quantized("torchao-int8")  # the tensor subclass merge_and_unload must recognise as quantized storage
+    assert sum(isinstance(m, nn.Linear) and isinstance(m.weight, torchao.Int8Tensor) for m in ao.modules()) == 14
     original = tiny.llama()
     w, rw = original.model.layers[0].mlp.up_proj.weight, reference.model.layers[0].mlp.up_proj.weight
     assert not torch.equal(w, rw) and (w - rw).norm() < 0.35 * w.norm()  # rounded to 4 bits (another matrix: ~1.4)

@@ -291,6 +291,7 @@ class ModularModel(nn.Module):
             kwargs = add_prefix(kwargs, state.cache, cache_keyword(self.base), g, batch, self.base.device)
         return kwargs
 
+    @torch.compiler.disable(recursive=False)
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -312,7 +313,7 @@ class ModularModel(nn.Module):
         batch = _batch_size(kwargs)
         with self.bind(task_ids, kwargs.get("attention_mask"), batch) as state:
             state.selected = selected_ids(self, adapter_names, batch)
-            out = self.base(**self.prepare_inputs(kwargs, state))
+            out = self.ctx.run(state, lambda: self.base(**self.prepare_inputs(kwargs, state)))
             for m in [] if state.bare else self.modules_of("check_call"):
                 m.check_call(state)
             return out
@@ -415,10 +416,12 @@ class ModularModel(nn.Module):
 
 
 def quantized_layers(base: nn.Module) -> list[str]:
-    """Names of layers whose weight is stored quantized (bitsandbytes 4-bit/8-bit: integers, or packed 4-bit
-    in a float storage dtype), so a weight update cannot be added to it."""
+    """Names of layers whose weight is stored quantized, so a weight update cannot be added to it: integers,
+    bitsandbytes' packed 4-bit in a float storage dtype (Params4bit, Int8Params), or a torchao tensor subclass
+    (Int8Tensor and kin report a float dtype; `tests/test_quantized.py` fails if these names change)."""
     return [name for name, m in base.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
-            and (not m.weight.is_floating_point() or type(m.weight).__name__ in ("Params4bit", "Int8Params"))]
+            and (not m.weight.is_floating_point() or type(m.weight).__name__ in ("Params4bit", "Int8Params")
+                 or type(m.weight).__module__.startswith("torchao."))]
 
 
 class StackedHooksWarning(UserWarning):
