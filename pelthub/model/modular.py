@@ -249,6 +249,7 @@ class ModularModel(nn.Module):
     def modules_of(self, method: str) -> list[PeltModule]:
         return [m for s in self.adapters.values() for m in s.values() if _provides(m, method)]
 
+    @torch.compiler.disable  # reads the ids on the host: checked before the compiled region
     def task_index(self, task_ids: Any, batch: int | None = None) -> torch.Tensor | None:
         """Task ids as an int64 tensor, one per example; names are looked up in `task_names`.
 

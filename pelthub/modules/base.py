@@ -51,9 +51,29 @@ class CallContext:
 
     def __init__(self) -> None:
         self._var: ContextVar[CallState | None] = ContextVar(f"pelthub_call_{id(self):x}", default=None)
+        self._traced: CallState | None = None  # set only while dynamo traces `run` (see there)
 
     def current(self) -> CallState | None:
+        if torch.compiler.is_compiling() and self._traced is not None:
+            return self._traced
         return self._var.get()
+
+    def run(self, state: CallState, fn: Callable[[], Any]) -> Any:
+        """fn(**kwargs) inside a call bound to `state`, with the state visible to torch.compile.
+
+        dynamo cannot trace `ContextVar.get` (a graph break in every hook that reads it), so while it
+        traces this function the state is also put in `_traced`, where the hooks it inlines read it:
+        dynamo follows that to `state`, an argument of this frame, so the compiled graph takes the
+        call's tensors (task ids, masks) as inputs and guards on its flags. Run eagerly (also every
+        compiled run of the graph) this writes nothing; the hooks read the ContextVar.
+        """
+        if not torch.compiler.is_compiling():
+            return fn()
+        self._traced = state
+        try:
+            return fn()
+        finally:
+            self._traced = None
 
     @contextmanager
     def bound(self, state: CallState) -> Iterator[CallState]:
@@ -65,30 +85,30 @@ class CallContext:
 
     @property
     def task_ids(self) -> torch.Tensor | None:
-        state = self._var.get()
+        state = self.current()
         return None if state is None else state.task_ids
 
     @property
     def attention_mask(self) -> torch.Tensor | None:
-        state = self._var.get()
+        state = self.current()
         return None if state is None else state.attention_mask
 
     @property
     def selecting(self) -> bool:
         """Whether plain sets' hooks step aside: this call selects one module set per example (a bank
         serves it), or runs the bare base (`bare`)."""
-        state = self._var.get()
+        state = self.current()
         return state is not None and (state.selected is not None or state.bare)
 
     @property
     def bare(self) -> bool:
         """Whether this call runs the bare base (`ModularModel.disable_adapter`): every hook steps aside."""
-        state = self._var.get()
+        state = self.current()
         return state is not None and state.bare
 
     def scratch(self, owner: object) -> dict[str, Any]:
         """The per-call scratch dict of `owner`; a throwaway dict when no call is bound."""
-        state = self._var.get()
+        state = self.current()
         return {} if state is None else state.scratch.setdefault(id(owner), {})
 
     def task_ids_for(self, batch: int) -> torch.Tensor | None:
