@@ -185,7 +185,7 @@ class AttentionMixConfig(ModuleConfig):
         if not init:  # values come from a saved state
             sources = torch.zeros(len(self.sources), length, d)
             return AttentionMixModule(self, sources, torch.zeros(len(self.sources), d), torch.zeros(tasks, length, d))
-        raw = [self._source_values(name, values, registry, base, d) for name in self.sources]
+        raw = [_source_values(name, values, registry, base, d) for name in self.sources]
         sources, keys = self._fit(raw, length, d)
         if self.init_from is not None:
             targets = sources[self.sources.index(self.init_from)].expand(tasks, -1, -1).clone()
@@ -194,20 +194,6 @@ class AttentionMixConfig(ModuleConfig):
         module = AttentionMixModule(self, sources, keys, targets)
         module.resolved = parent_entries(registry, [n for n in self.sources if n not in values])
         return module
-
-    def _source_values(self, name: str, values: Mapping[str, torch.Tensor], registry: Any, base: nn.Module,
-                       d: int) -> torch.Tensor:
-        """The (L_j, d) values of one source, resolving names without values through the registry."""
-        value = values.get(name)
-        if value is None:
-            if registry is None:
-                raise ConfigError(f"AttentionMix source {name!r} is a name without values: pass the prompt itself "
-                                  "(tensor, PromptModule or ModularModel) or registry= to resolve it")
-            value = _prompt_tensor(name, registry.load(name, base, heads=False))
-        if value.shape[1] != d:
-            raise ConfigError(f"AttentionMix source {name!r} has width {value.shape[1]}, but this model's "
-                              f"embeddings have width {d}: use prompts trained on this base model")
-        return value
 
     def _fit(self, raw: list[torch.Tensor], length: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sources stacked to (S, L, d) and their keys (S, d), pooled over the tokens each contributes."""
@@ -307,29 +293,51 @@ def pool_tokens(x: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.T
     return (x * keep).sum(1) / keep.sum(1).clamp(min=1)
 
 
-def _split_sources(sources: Any) -> tuple[tuple[str, ...], dict[str, torch.Tensor]]:
-    """Names of `sources` (a list or a {name: value} mapping) and the (L, d) values given for them."""
+def _source_values(name: str, values: Mapping[str, torch.Tensor], registry: Any, base: nn.Module, d: int,
+                   what: str = "AttentionMix source") -> torch.Tensor:
+    """The (L_j, d) values of one source, resolving names without values through the registry;
+    errors call it `what` `name`."""
+    value = values.get(name)
+    if value is None:
+        if registry is None:
+            raise ConfigError(f"{what} {name!r} is a name without values: pass the prompt itself "
+                              "(tensor, PromptModule or ModularModel) or registry= to resolve it")
+        value = _prompt_tensor(name, registry.load(name, base, heads=False), what)
+    if value.shape[1] != d:
+        raise ConfigError(f"{what} {name!r} has width {value.shape[1]}, but this model's "
+                          f"embeddings have width {d}: use prompts trained on this base model")
+    return value
+
+
+def _split_sources(sources: Any, owner: str = "AttentionMix", field: str = "sources",
+                   label: str = "source") -> tuple[tuple[str, ...], dict[str, torch.Tensor]]:
+    """Names of `sources` (a list or a {name: value} mapping) and the (L, d) values given for them.
+
+    Errors name `owner`.`field`; unnamed values are called `label`0, `label`1, ...
+    """
     if isinstance(sources, (str, torch.Tensor, nn.Module)):
-        raise ConfigError("AttentionMix.sources must be a list (or {name: prompt} mapping) of sources, "
+        raise ConfigError(f"{owner}.{field} must be a list (or {{name: prompt}} mapping) of {label}s, "
                           f"got one {type(sources).__name__}")
     items = list(sources.items()) if isinstance(sources, Mapping) else \
-        [(s if isinstance(s, str) else f"source{i}", s) for i, s in enumerate(sources)]
-    return tuple(name for name, _ in items), {name: _prompt_tensor(name, value) for name, value in items
+        [(s if isinstance(s, str) else f"{label}{i}", s) for i, s in enumerate(sources)]
+    return tuple(name for name, _ in items), {name: _prompt_tensor(name, value, f"{owner} {label}")
+                                              for name, value in items
                                               if value is not name}  # a listed ref is its own name
 
 
-def _prompt_tensor(name: str, value: Any) -> torch.Tensor:
-    """The (L, d) embeddings of a tensor, PromptModule or ModularModel holding one prompt module."""
+def _prompt_tensor(name: str, value: Any, what: str = "AttentionMix source") -> torch.Tensor:
+    """The (L, d) embeddings of a tensor, PromptModule or ModularModel holding one prompt module;
+    errors call it `what` `name`."""
     if isinstance(value, ModularModel):
         found = [m for m in value.modules_of("prompt") if isinstance(m, PromptModule)]
         if len(found) != 1:
-            raise ConfigError(f"AttentionMix source {name!r} is a model with {len(found)} prompt modules; "
-                              "a source must hold exactly one")
+            raise ConfigError(f"{what} {name!r} is a model with {len(found)} prompt modules; "
+                              "it must hold exactly one")
         value = found[0]
     if isinstance(value, PromptModule):
         value = value.embeddings
     if not isinstance(value, torch.Tensor) or value.dim() != 2:
-        raise ConfigError(f"AttentionMix source {name!r} must be a (length, hidden) tensor, a PromptModule, a "
+        raise ConfigError(f"{what} {name!r} must be a (length, hidden) tensor, a PromptModule, a "
                           f"ModularModel with one prompt (refs go in a list), got {type(value).__name__}"
                           f"{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}")
     return value.detach().float().cpu().clone()
