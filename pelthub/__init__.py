@@ -8,7 +8,7 @@ from .composition import Average, Stack, WeightedSum, compose, merge, search_wei
 from .composition.merge import merge_prefixes
 from .errors import PeltError
 from .generative import evaluate, generate_texts
-from .model import ModularModel, attach, from_pretrained, hotswap
+from .model import ModularModel, attach, from_pretrained
 from .modules import DSEE, IA3, MAM, VPT, Bottleneck, Compacter, KAdaptation, LNTuning, LoRA, Prefix, Prompt
 from .hub import Registry
 from .routing import Arrow, Poly
@@ -21,7 +21,6 @@ from .tasks.generative import GenerativeExample
 from .recycle import recycle
 from .tfew import choice_batches, tfew_ia3, tfew_loss
 from .transfer import rank_sources
-from .transfer.projector import Projector, ProjectorConfig, project_prompts, train_projector
 from .version import __version__
 
 
@@ -41,9 +40,8 @@ def doctor(quick: bool = False) -> int:
 
 __all__ = [
     "AttentionMix", "Arrow", "Average", "Bottleneck", "Compacter", "DSEE", "GenerativeExample", "IA3", "KAdaptation",
-    "LNTuning", "LoRA", "MAM", "ModularModel", "PeltError", "PerTask", "Poly", "Prefix", "Projector",
-    "ProjectorConfig", "Prompt", "Registry",
+    "LNTuning", "LoRA", "MAM", "ModularModel", "PeltError", "PerTask", "Poly", "Prefix", "Prompt", "Registry",
     "SPT", "SaveModulesCallback", "Stack", "UniPELT", "VPT", "WeightedSum", "__version__", "as_examples", "attach",
-    "choice_batches", "compose", "doctor", "evaluate", "from_pretrained", "generate_texts", "hotswap", "merge", "merge_prefixes",
-    "project_prompts", "rank_sources", "recycle", "search_weights", "tfew_ia3", "tfew_loss", "train_projector",
+    "choice_batches", "compose", "doctor", "evaluate", "from_pretrained", "generate_texts", "merge", "merge_prefixes",
+    "rank_sources", "recycle", "search_weights", "tfew_ia3", "tfew_loss",
 ]
