@@ -29,10 +29,10 @@ TASKS = ["a", "b", "c"]
 SMALL = dict(tasks=TASKS, embedding=5, hidden=6)
 
 
-def _attached(config, arch="bert", seed=4):
+def _attached(config, arch="bert", seed=4, scale=0.3):
     base = tiny.BUILDERS[arch]()
     model = ph.attach(copy.deepcopy(base), config)
-    tiny.perturb(model, seed=seed, scale=0.3)
+    tiny.perturb(model, seed=seed, scale=scale)
     return base, model, model.adapters["default"][config.kind]
 
 
@@ -176,6 +176,19 @@ def test_mixed_task_batch_equals_each_task_alone(kind):
         for i in (i for i, task in enumerate(task_ids) if task == name):
             torch.testing.assert_close(mixed[i], alone[i], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(run(model, inputs, task_ids=["a"] * 5), run(model, inputs, task_ids=["b"] * 5))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generate_runs_each_input_under_its_own_task(kind):
+    """Beam search widens the batch to inputs × beams; each beam keeps its input's task."""
+    _, model, _ = _attached(KINDS[kind], "gpt2", scale=0.05)
+    ids = tiny.batch("gpt2", b=3, n=5)["input_ids"]
+    settings = dict(max_new_tokens=4, min_new_tokens=4, num_beams=2, do_sample=False)
+    mixed = model.generate(ids, task_ids=["b", "c", "a"], **settings)
+    for i, name in enumerate(["b", "c", "a"]):
+        assert torch.equal(mixed[i], model.generate(ids, task_ids=[name] * 3, **settings)[i])
+    assert not torch.equal(model.generate(ids, task_ids=["a"] * 3, **settings),
+                           model.generate(ids, task_ids=["b"] * 3, **settings))
 
 
 @pytest.mark.parametrize("kind", KINDS)
