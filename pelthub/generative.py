@@ -65,6 +65,25 @@ def batches(model: nn.Module, data: Any, tokenizer: Any, batch_size: int, shuffl
             return
 
 
+class GenerativeCollator:
+    """`transformers.Trainer`'s `data_collator` for generative data: a list of rows (`GenerativeExample`s
+    or dicts with input/target[/choices/task]) becomes one batch encoded as `fit` encodes it (labels on
+    the target tokens only; `task_ids` when rows name tasks of a Poly / PerTask model). With a
+    🤗 `datasets` table as `train_dataset`, pass `TrainingArguments(remove_unused_columns=False)` so
+    Trainer keeps the text columns for the collator."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, max_length: int = 128):
+        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+
+    def __call__(self, rows: Sequence[Any]) -> dict[str, torch.Tensor]:
+        examples = generative_examples(list(rows))
+        batch = encode(self.tokenizer, examples, _encoder_decoder(self.model), self.max_length)
+        task_ids = _task_ids(self.model, examples)
+        if task_ids is not None:
+            batch["task_ids"] = task_ids
+        return batch
+
+
 def _sets(model: nn.Module, adapters: Sequence[str] | None, tasks: Sequence[str | int] | None) -> Sets:
     """(result names, routing keyword, each set's routing value); one unnamed set when neither is given."""
     if adapters is not None and tasks is not None:

@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..generative import batches as generative_batches
 from ..modules.config import finite_numbers, positive_int
 from ..model import ModularModel
+from ..tasks.generative import is_generative
 from .blocks import Source
 from .compose import compose
 from .merge import load_factors, lora_sources, merge, merge_factors
@@ -29,18 +31,25 @@ Batch = Mapping[str, Any]
 LossFn = Callable[[ModularModel, Batch], torch.Tensor]
 
 
-def search_weights(base: nn.Module, modules: Sequence[Source], examples: Batch | Iterable[Batch],
+def search_weights(base: nn.Module, modules: Sequence[Source], examples: Batch | Iterable[Batch] | Any,
                    loss_fn: LossFn | None = None, method: str = "linear", steps: int = 40, l1: float = 0.05,
                    bounds: tuple[float, float] = (-1.5, 1.5), name: str = "lorahub",
-                   registry: Any = None) -> tuple[ModularModel, list[float]]:
+                   registry: Any = None, tokenizer: Any = None) -> tuple[ModularModel, list[float]]:
     """Find combination weights of LoRA `modules` on a few examples; return (model, weights).
 
-    examples: one batch (a dict of model inputs with `labels`) or a list of them.
+    examples: one batch (a dict of model inputs with `labels`) or a list of them; or generative
+    examples (`GenerativeExample`s, input/target rows or a 🤗 `datasets` table) with `tokenizer`,
+    encoded in batches of 32 whose loss is the causal or seq2seq LM loss over the target tokens.
     loss_fn(model, batch) -> scalar loss; default `model(**batch).loss`.
     The model is `base` with the merged LoRA attached under `name` (frozen; `name-1`, ...
     if `base` is a ModularModel that has a set of that name already).
     """
-    batches = [examples] if isinstance(examples, Mapping) else list(examples)
+    if is_generative(examples):
+        if tokenizer is None:
+            raise ConfigError("search_weights on generative examples needs tokenizer= to encode them")
+        batches = list(generative_batches(base, examples, tokenizer, 32, shuffle=False))
+    else:
+        batches = [examples] if isinstance(examples, Mapping) else list(examples)
     if not batches:
         raise ConfigError("search_weights needs at least one example batch")
     positive_int("search_weights", "steps", steps)
