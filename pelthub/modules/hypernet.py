@@ -78,7 +78,7 @@ class TaskConditioned(PeltModule):
             raise RoutingError(f"{type(self.config).__name__} generates each example's module from its task: call "
                                f"model(..., task_ids=...) with one task per example, names from "
                                f"{list(self.config.tasks)} or their indices")
-        device = self.rows[0][next(iter(self.rows[0].keys()))].device
+        device = next(self.rows.parameters()).device
         ids = torch.zeros(batch, dtype=torch.long, device=device) if ids is None else ids.to(device)
         return torch.unique(ids, return_inverse=True)
 
