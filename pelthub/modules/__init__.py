@@ -7,10 +7,11 @@ from .ia3 import IA3
 from .kadaptation import KAdaptation
 from .ln import LNTuning
 from .lora import LoRA
+from .lst import LST
 from .mam import MAM
 from .prefix import Prefix
 from .prompt import Prompt
 from .vpt import VPT
 
-__all__ = ["Bottleneck", "Compacter", "DSEE", "IA3", "KAdaptation", "LNTuning", "LoRA", "MAM", "ModuleConfig",
+__all__ = ["Bottleneck", "Compacter", "DSEE", "IA3", "KAdaptation", "LNTuning", "LST", "LoRA", "MAM", "ModuleConfig",
            "Prefix", "Prompt", "VPT", "config_from_dict", "known_kinds"]
