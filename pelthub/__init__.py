@@ -9,7 +9,7 @@ from .composition.merge import merge_prefixes
 from .errors import PeltError
 from .generative import evaluate, generate_texts
 from .model import ModularModel, attach, from_pretrained
-from .modules import DSEE, IA3, MAM, VPT, Bottleneck, Compacter, KAdaptation, LNTuning, LoRA, Prefix, Prompt
+from .modules import DSEE, IA3, LST, MAM, VPT, Bottleneck, Compacter, KAdaptation, LNTuning, LoRA, Prefix, Prompt
 from .hub import Registry
 from .routing import Arrow, Poly
 from .routing.attention import AttentionMix
@@ -40,7 +40,7 @@ def doctor(quick: bool = False) -> int:
 
 __all__ = [
     "AttentionMix", "Arrow", "Average", "Bottleneck", "Compacter", "DSEE", "GenerativeExample", "IA3", "KAdaptation",
-    "LNTuning", "LoRA", "MAM", "ModularModel", "PeltError", "PerTask", "Poly", "Prefix", "Prompt", "Registry",
+    "LNTuning", "LST", "LoRA", "MAM", "ModularModel", "PeltError", "PerTask", "Poly", "Prefix", "Prompt", "Registry",
     "SPT", "SaveModulesCallback", "Stack", "UniPELT", "VPT", "WeightedSum", "__version__", "as_examples", "attach",
     "choice_batches", "compose", "doctor", "evaluate", "from_pretrained", "generate_texts", "merge", "merge_prefixes",
     "rank_sources", "recycle", "search_weights", "tfew_ia3", "tfew_loss",
