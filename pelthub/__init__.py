@@ -9,7 +9,8 @@ from .composition.merge import merge_prefixes
 from .errors import PeltError
 from .generative import evaluate, generate_texts
 from .model import ModularModel, attach, from_pretrained
-from .modules import DSEE, IA3, LST, MAM, VPT, Bottleneck, Compacter, KAdaptation, LNTuning, LoRA, Prefix, Prompt
+from .modules import (DSEE, IA3, LST, MAM, VPT, Bottleneck, Compacter, HyperPrompt, Hyperformer, KAdaptation,
+                      LNTuning, LoRA, Prefix, Prompt)
 from .hub import Registry
 from .routing import Arrow, Poly
 from .routing.attention import AttentionMix
@@ -39,7 +40,8 @@ def doctor(quick: bool = False) -> int:
 
 
 __all__ = [
-    "AttentionMix", "Arrow", "Average", "Bottleneck", "Compacter", "DSEE", "GenerativeExample", "IA3", "KAdaptation",
+    "AttentionMix", "Arrow", "Average", "Bottleneck", "Compacter", "DSEE", "GenerativeExample",
+    "HyperPrompt", "Hyperformer", "IA3", "KAdaptation",
     "LNTuning", "LST", "LoRA", "MAM", "ModularModel", "PeltError", "PerTask", "Poly", "Prefix", "Prompt", "Registry",
     "SPT", "SaveModulesCallback", "Stack", "UniPELT", "VPT", "WeightedSum", "__version__", "as_examples", "attach",
     "choice_batches", "compose", "doctor", "evaluate", "from_pretrained", "generate_texts", "merge", "merge_prefixes",
