@@ -22,6 +22,7 @@ from .tasks.generative import GenerativeExample
 from .recycle import recycle
 from .tfew import choice_batches, tfew_ia3, tfew_loss
 from .transfer import rank_sources
+from .transfer.projector import Projector, ProjectorConfig, project_prompts, train_projector
 from .version import __version__
 
 
@@ -42,8 +43,9 @@ def doctor(quick: bool = False) -> int:
 __all__ = [
     "AttentionMix", "Arrow", "Average", "Bottleneck", "Compacter", "DSEE", "GenerativeExample",
     "HyperPrompt", "Hyperformer", "IA3", "KAdaptation",
-    "LNTuning", "LST", "LoRA", "MAM", "ModularModel", "PeltError", "PerTask", "Poly", "Prefix", "Prompt", "Registry",
-    "SPT", "SaveModulesCallback", "Stack", "UniPELT", "VPT", "WeightedSum", "__version__", "as_examples", "attach",
+    "LNTuning", "LST", "LoRA", "MAM", "ModularModel", "PeltError", "PerTask", "Poly", "Prefix", "Projector",
+    "ProjectorConfig", "Prompt", "Registry", "SPT", "SaveModulesCallback", "Stack", "UniPELT", "VPT", "WeightedSum",
+    "__version__", "as_examples", "attach",
     "choice_batches", "compose", "doctor", "evaluate", "from_pretrained", "generate_texts", "merge", "merge_prefixes",
-    "rank_sources", "recycle", "search_weights", "tfew_ia3", "tfew_loss",
+    "project_prompts", "rank_sources", "recycle", "search_weights", "tfew_ia3", "tfew_loss", "train_projector",
 ]
