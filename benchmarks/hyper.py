@@ -20,8 +20,6 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 import pelthub as ph
-from pelthub.modules.hyperformer import Hyperformer
-from pelthub.modules.hyperprompt import HyperPrompt
 
 CALLS, ROUNDS, TASKS = 3, 3, [f"t{i}" for i in range(8)]
 
@@ -35,8 +33,8 @@ def main() -> None:
     inputs = {"input_ids": torch.randint(1000, 20000, (16, 64)), "attention_mask": torch.ones(16, 64, dtype=torch.long)}
     one, mixed = ["t0"] * 16, [TASKS[i % 8] for i in range(16)]
     attached = {name: ph.attach(copy.deepcopy(base), config) for name, config in {
-        "Prefix": ph.Prefix(length=10, hidden=None), "HyperPrompt": HyperPrompt(tasks=TASKS),
-        "Bottleneck": ph.Bottleneck(placement="houlsby"), "Hyperformer": Hyperformer(tasks=TASKS)}.items()}
+        "Prefix": ph.Prefix(length=10, hidden=None), "HyperPrompt": ph.HyperPrompt(tasks=TASKS),
+        "Bottleneck": ph.Bottleneck(placement="houlsby"), "Hyperformer": ph.Hyperformer(tasks=TASKS)}.items()}
     calls = {"base": (base, {}), "Prefix": (attached["Prefix"], {}), "Bottleneck": (attached["Bottleneck"], {}),
              **{f"{kind} {label}": (attached[kind], {"task_ids": ids}) for kind in ("HyperPrompt", "Hyperformer")
                 for label, ids in (("one task", one), ("mixed, 8 tasks", mixed))}}

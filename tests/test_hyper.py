@@ -19,9 +19,7 @@ from transformers import DynamicCache
 import pelthub as ph
 from pelthub.errors import ConfigError, RoutingError
 from pelthub.hub.peft import export
-from pelthub.modules.hyperformer import Hyperformer
 from pelthub.modules.hypernet import add_task
-from pelthub.modules.hyperprompt import HyperPrompt
 from tests import tiny
 
 run = tiny.run
@@ -62,7 +60,7 @@ def _cache_keyword(base):
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_hyperprompt_prefix_is_the_formula_and_acts_as_a_cache_built_by_hand(arch):
     """Llama has grouped-query attention: keys and values are 2 heads × 8, narrower than d = 32."""
-    config = HyperPrompt(length=3, bottleneck=4, **SMALL)
+    config = ph.HyperPrompt(length=3, bottleneck=4, **SMALL)
     base, model, module = _attached(config, arch)
     heads = base.config.num_key_value_heads if arch == "llama" else base.config.num_attention_heads
     head_dim = base.config.hidden_size // base.config.num_attention_heads
@@ -83,14 +81,14 @@ def test_hyperprompt_prefix_is_the_formula_and_acts_as_a_cache_built_by_hand(arc
 
 @pytest.mark.parametrize("arch", ["bert", "llama", "t5"])
 def test_hyperprompt_of_length_zero_is_the_base(arch):
-    base, model, _ = _attached(HyperPrompt(length=0, **SMALL), arch)
+    base, model, _ = _attached(ph.HyperPrompt(length=0, **SMALL), arch)
     inputs = tiny.batch(arch)
     torch.testing.assert_close(run(model, inputs, task_ids=[0, 1, 2]), run(base, inputs), rtol=0, atol=0)
 
 
 def test_free_hyperprompt_is_prefix_tuning_per_task():
     """variant="free": each task's own per-layer P_K, P_V, as `Prefix(hidden=None)` holding the same values."""
-    base, model, module = _attached(HyperPrompt(length=3, variant="free", tasks=TASKS))
+    base, model, module = _attached(ph.HyperPrompt(length=3, variant="free", tasks=TASKS))
     inputs, task_ids = tiny.batch("bert", b=4), [1, 0, 2, 1]
     mixed = run(model, inputs, task_ids=task_ids)
     for t in range(len(TASKS)):
@@ -142,7 +140,7 @@ def _hooked_by_hand(base, module, task_ids, placement):
 
 @pytest.mark.parametrize("placement", ["houlsby", "parallel"])
 def test_hyperformer_is_the_generated_adapter_by_hand(placement):
-    base, model, module = _attached(Hyperformer(placement=placement, reduction=4, **SMALL))
+    base, model, module = _attached(ph.Hyperformer(placement=placement, reduction=4, **SMALL))
     assert module.pairs == BERT_SITES[placement]
     inputs, task_ids = tiny.batch("bert", b=4), [2, 0, 2, 1]
     with torch.no_grad():
@@ -156,14 +154,14 @@ def test_hyperformer_is_the_generated_adapter_by_hand(placement):
 def test_fresh_hyperformer_is_the_base(arch, placement):
     """The up-generator starts at zero: every generated W_up and b_up is zero, whatever the task."""
     base, inputs = tiny.BUILDERS[arch](), tiny.batch(arch)
-    model = ph.attach(copy.deepcopy(base), Hyperformer(placement=placement, reduction=4, **SMALL))
+    model = ph.attach(copy.deepcopy(base), ph.Hyperformer(placement=placement, reduction=4, **SMALL))
     torch.testing.assert_close(run(model, inputs, task_ids=[0, 1, 2]), run(base, inputs), rtol=0, atol=0)
 
 
 # ----- both -----
 
-KINDS = {"hyperprompt": HyperPrompt(length=3, bottleneck=4, **SMALL),
-         "hyperformer": Hyperformer(reduction=4, **SMALL)}
+KINDS = {"hyperprompt": ph.HyperPrompt(length=3, bottleneck=4, **SMALL),
+         "hyperformer": ph.Hyperformer(reduction=4, **SMALL)}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -241,13 +239,13 @@ def test_round_trip_and_refusals(kind, tmp_path):
 
 def test_config_errors():
     with pytest.raises(ConfigError, match="HyperPrompt.length must be an integer from 0"):
-        HyperPrompt(tasks=2, length=-1)
+        ph.HyperPrompt(tasks=2, length=-1)
     with pytest.raises(ConfigError, match="HyperPrompt.variant must be one of"):
-        HyperPrompt(tasks=2, variant="share")
+        ph.HyperPrompt(tasks=2, variant="share")
     with pytest.raises(ConfigError, match="Hyperformer.tasks must be a non-empty list of distinct"):
-        Hyperformer(tasks=["a", "a"])
+        ph.Hyperformer(tasks=["a", "a"])
     with pytest.raises(ConfigError, match="Hyperformer.placement must be one of"):
-        Hyperformer(tasks=2, placement="after")
+        ph.Hyperformer(tasks=2, placement="after")
     with pytest.raises(ConfigError, match="Hyperformer.reduction=3 must divide the hidden size 32"):
-        ph.attach(tiny.bert(), Hyperformer(tasks=2, reduction=3))
+        ph.attach(tiny.bert(), ph.Hyperformer(tasks=2, reduction=3))
     assert ph.modules.config_from_dict(KINDS["hyperformer"].to_dict()) == KINDS["hyperformer"]
