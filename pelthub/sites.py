@@ -414,6 +414,11 @@ def _logical_shape(p: nn.Parameter) -> tuple[int, ...]:
     return getattr(getattr(p, "quant_state", None), "shape", None) or p.shape
 
 
+# What FSDP1 (`FullyShardedDataParallel`, wrapping layers in place) inserts into parameter names;
+# tests/test_fsdp.py fails if the name changes.
+FSDP1_WRAPPED = "_fsdp_wrapped_module."
+
+
 def _unparametrized(name: str) -> str:
-    """A parameter's name as it is without torch parametrisations (LN-tuning adds them)."""
-    return name.replace("parametrizations.", "").replace(".original", "")
+    """A parameter's name as it is without torch parametrisations (LN-tuning adds them) and FSDP1's wrappers."""
+    return name.replace(FSDP1_WRAPPED, "").replace("parametrizations.", "").replace(".original", "")

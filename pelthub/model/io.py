@@ -78,11 +78,29 @@ def describe(model: "ModularModel", **meta: Any) -> dict[str, Any]:
 
 
 def save_modules(model: "ModularModel", directory: str | os.PathLike, **meta: Any) -> None:
+    """Write the module and head tensors and their configs.
+
+    Under FSDP2 (`fully_shard`) the parameters are DTensors: every rank must call this, each
+    tensor is gathered whole (a collective), and rank 0 alone writes. FSDP1 shards flat
+    parameters that no tensor shows: call it inside `FullyShardedDataParallel.summon_full_params`.
+    """
     directory = Path(directory)
-    tensors = {name: p.detach().contiguous().cpu() for name, p in model.module_parameters()}
+    params = dict(model.module_parameters())
+    sharded = any(is_dtensor(p) for p in params.values())
+    tensors = {name: (p.full_tensor() if is_dtensor(p) else p).detach().cpu().clone() for name, p in params.items()}
+    if sharded and torch.distributed.get_rank() != 0:
+        return
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(describe(model, **meta), indent=2, sort_keys=True)
     atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether `t` is a DTensor (FSDP2 / tensor-parallel shards); False where torch has no distributed package."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
 
 
 def read_description(directory: str | os.PathLike) -> dict[str, Any]:

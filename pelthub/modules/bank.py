@@ -128,13 +128,13 @@ def _install_ia3(bank: Bank, base: nn.Module, ctx: CallContext) -> list[Handle]:
     keys = dict.fromkeys(k for r in bank.rows if "ia3" in r for k in r["ia3"].scales)
     handles = []
     for key in keys:
-        scales = bank.present("ia3", key, lambda m, key=key: m.scales[key])
         on_input = _one({r["ia3"].on_input[key] for r in bank.rows if "ia3" in r and key in r["ia3"].scales},
                         bank.what, f"which side of {site_name(key)} IA3 scales")
-        template = next(s for s in scales if s is not None)
 
-        def stack(scales: list[Any] = scales, template: torch.Tensor = template) -> torch.Tensor:
-            return torch.stack([s if s is not None else torch.ones_like(template) for s in scales])
+        def stack(key: str = key) -> torch.Tensor:  # read per call: FSDP swaps the Parameter objects
+            scales = bank.present("ia3", key, lambda m: m.scales[key])
+            like = next(s for s in scales if s is not None)
+            return torch.stack([s if s is not None else torch.ones_like(like) for s in scales])
 
         module = base.get_submodule(site_name(key))
         if on_input:
@@ -209,12 +209,11 @@ def _install_ln(bank: Bank, base: nn.Module, ctx: CallContext) -> list[Handle]:
     for key in keys:
         module = base.get_submodule(site_name(key))
         normalise = _normaliser(module)
-        gammas = bank.present("ln", key, lambda m, key=key: m.deltas[f"{key}--weight"])
-        betas = bank.present("ln", key, lambda m, key=key: m.deltas[f"{key}--bias"] if f"{key}--bias" in m.deltas
-                             else None)
-        like = next(g for g in gammas if g is not None)
 
-        def deltas(gammas: list[Any] = gammas, betas: list[Any] = betas, like: torch.Tensor = like) -> tuple:
+        def deltas(key: str = key) -> tuple:  # read per call: FSDP swaps the Parameter objects
+            gammas = bank.present("ln", key, lambda m: m.deltas[f"{key}--weight"])
+            betas = bank.present("ln", key, lambda m: m.deltas.get(f"{key}--bias"))
+            like = next(g for g in gammas if g is not None)
             return (torch.stack([g if g is not None else torch.zeros_like(like) for g in gammas]),
                     torch.stack([b if b is not None else torch.zeros_like(like) for b in betas]))
 

@@ -68,8 +68,8 @@ class IA3Module(PeltModule):
 
     def install(self, base: nn.Module, ctx: CallContext) -> list[Handle]:
         handles = []
-        for key, scale in self.scales.items():
-            module, fn = base.get_submodule(site_name(key)), (lambda t, s=scale: t * s.to(t.dtype))
+        for key in self.scales:  # the vector is looked up per call: FSDP swaps the Parameter objects
+            module, fn = base.get_submodule(site_name(key)), (lambda t, key=key: t * self.scales[key].to(t.dtype))
             handles.append(map_input(module, fn, ctx) if self.on_input[key] else map_output(module, fn, ctx))
         return handles + [install_expert_update(base, site_name(k), u, ctx) for k, u in self.experts.items()]
 

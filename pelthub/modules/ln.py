@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..errors import UnsupportedModelError
 from ..sites import Sites
 from .base import CallContext, Handle, PeltModule, site_key, site_name
 from .config import ModuleConfig
@@ -34,20 +35,32 @@ class LNTuning(ModuleConfig):
         shapes = {}
         for name, module in sites.names.items():
             if is_norm(module) and isinstance(getattr(module, "weight", None), torch.Tensor):
+                refuse_offloaded(name, module)
                 params = {p: t.shape for p, t in module.named_parameters(recurse=False) if p in ("weight", "bias")}
                 shapes[name] = params
         return LNModule(self, shapes)
 
 
-class _AddDelta(nn.Module):
-    """Parametrisation t ↦ t + Δ; Δ lives in LNModule (a list keeps it out of the base's parameters)."""
+def refuse_offloaded(name: str, module: nn.Module) -> None:
+    """A norm whose weights accelerate holds aside (`dispatch_model` offload, `cpu_offload`) has none to
+    reparametrise: its AlignDevicesHook (accelerate's `_hf_hook`) loads them per call, by their own name."""
+    if getattr(getattr(module, "_hf_hook", None), "offload", False):
+        raise UnsupportedModelError(
+            f"LN-tuning cannot train {name}: accelerate offloads its weights (device_map 'disk' or 'cpu' offload, "
+            "cpu_offload), and it reparametrises them in place; keep the norms on a device (a device_map without "
+            "offload for the layers holding them), or tune another kind (LoRA, IA3, prompts work on offloaded layers)")
 
-    def __init__(self, delta: nn.Parameter, ctx: CallContext):
+
+class _AddDelta(nn.Module):
+    """Parametrisation t ↦ t + Δ; Δ lives in LNModule's `deltas` (a list keeps it out of the base's
+    parameters), looked up per call by its key: FSDP swaps the Parameter objects."""
+
+    def __init__(self, deltas: nn.ParameterDict, key: str, ctx: CallContext):
         super().__init__()
-        self._delta, self._ctx = [delta], ctx
+        self._deltas, self._key, self._ctx = [deltas], key, ctx
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self._ctx.selecting else t + self._delta[0].to(t.dtype)
+        return t if self._ctx.selecting else t + self._deltas[0][self._key].to(t.dtype)
 
 
 class LNModule(PeltModule):
@@ -61,19 +74,19 @@ class LNModule(PeltModule):
     def _targets(self):
         for key, delta in self.deltas.items():
             module_key, param = key.rsplit("--", 1)
-            yield site_name(module_key), param, delta
+            yield site_name(module_key), param, key, delta
 
     def install(self, base: nn.Module, ctx: CallContext) -> list[Handle]:
         handles = []
-        for name, param, delta in self._targets():
+        for name, param, key, _ in self._targets():
             module = base.get_submodule(name)
-            parametrize.register_parametrization(module, param, _AddDelta(delta, ctx), unsafe=True)
+            parametrize.register_parametrization(module, param, _AddDelta(self.deltas, key, ctx), unsafe=True)
             handles.append(_Unparametrize(module, param))
         return handles
 
     @torch.no_grad()
     def merge_into(self, base: nn.Module) -> None:
-        for name, param, delta in self._targets():
+        for name, param, _, delta in self._targets():
             getattr(base.get_submodule(name), param).add_(delta.to(getattr(base.get_submodule(name), param).dtype))
 
 
