@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1] / "pelthub"
 LAYERS = [
     {"errors", "version", "sites", "tasks", "training", "generative"},
     {"modules", "tfew"},
-    {"model", "recycle"},
+    {"model", "recycle", "privacy"},
     {"registry"},
     {"composition"},
     {"routing"},

@@ -76,6 +76,7 @@ class ModularModel(nn.Module):
         self.task_names: list[str] = []
         self.parents: list[dict[str, Any]] = []  # registry modules this one was composed from (ref, sha256)
         self.composition: list[dict[str, Any]] = []  # the composition blocks as data, with the sets each became
+        self.privacy: dict[str, Any] | None = None  # the (ε, δ) of the DP training that set the modules (`privacy`)
         self._handles: dict[str, list[Handle]] = {}
         self._grad_flags = {name: p.requires_grad for name, p in base.named_parameters()}
         base.requires_grad_(False)
@@ -410,9 +411,11 @@ class ModularModel(nn.Module):
         return LoadResult(missing, unexpected)
 
     def save_pretrained(self, directory: str, **meta: Any) -> None:
-        """Write pelthub.json + modules.safetensors; `parents` defaults to `self.parents`."""
+        """Write pelthub.json + modules.safetensors; `parents` and `privacy` default to the model's own."""
         if self.parents:
             meta.setdefault("parents", self.parents)
+        if self.privacy:
+            meta.setdefault("privacy", self.privacy)
         save_modules(self, directory, **meta)
 
 

@@ -150,6 +150,16 @@ def _base_model(v: Any) -> str | None:
                    "{'name': str, 'revision': str or null, 'fingerprint': {'sha256': <64 hex>, ...}}")
 
 
+def _privacy(v: Any) -> str | None:
+    eps, delta = (v.get("epsilon"), v.get("delta")) if isinstance(v, dict) else (None, None)
+    return _expect(v is None or isinstance(v, dict) and all(
+        _plain(k) and (_plain(x) or _is_int(x) or isinstance(x, float) and math.isfinite(x)) for k, x in v.items())
+        and isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps >= 0
+        and isinstance(delta, float) and 0 < delta < 1,
+        "null, or a mapping with a finite 'epsilon' >= 0 and a 'delta' in (0, 1), plus numbers or strings saying "
+        "how they were accounted (pelthub.privacy.fit_private writes it)")
+
+
 def _name(v: Any) -> str | None:
     try:
         check_name(v)
@@ -178,8 +188,12 @@ FIELDS: dict[str, Check] = {
                                      "a string without control characters (tabs and newlines are fine)"),
     "source": lambda v: _expect(v is None or isinstance(v, dict), "a mapping (e.g. {'repo_id': ..., 'commit': ...}) "
                                                                   "or null"),
+    "privacy": _privacy,
 }
-OPTIONAL = {"description": "", "source": None}
+OPTIONAL = {"description": "", "source": None, "privacy": None}
+# Fields added after cards were first stored: left out of `identity()` while unset, so the cards stored
+# before keep their identity (adding the same module again still finds them).
+LATER = ("privacy",)
 
 
 @dataclass(frozen=True)
@@ -188,7 +202,8 @@ class Card:
 
     `source` records where a module came from when it was pulled (e.g.
     {"repo_id": ..., "commit": ...}); `parents` lists the modules a composed
-    module was built from, as {"ref": "name@version", "sha256": <their digest>}.
+    module was built from, as {"ref": "name@version", "sha256": <their digest>}. `privacy` is the
+    (ε, δ) of the DP training that produced the module and how it was accounted (`pelthub.privacy`).
     """
 
     name: str
@@ -207,6 +222,7 @@ class Card:
     parents: list[dict[str, Any]] = field(default_factory=list)
     description: str = ""
     source: dict[str, Any] | None = None
+    privacy: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         validate({name: getattr(self, name) for name in FIELDS}, f"card {self.name!r}")
@@ -228,7 +244,8 @@ class Card:
 
     def identity(self) -> str:
         """sha256 of everything the card says about the module (bookkeeping left out): equal means same entry."""
-        body = {k: v for k, v in self.to_dict().items() if k not in BOOKKEEPING}
+        body = {k: v for k, v in self.to_dict().items()
+                if k not in BOOKKEEPING and not (k in LATER and v == OPTIONAL[k])}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
@@ -302,6 +319,8 @@ class Card:
                 ("metrics", ", ".join(f"{k} = {v:g}" for k, v in sorted(self.metrics.items())) or "-"),
                 ("tags", ", ".join(self.tags) or "-"),
                 ("parents", ", ".join(p["ref"] for p in self.parents) or "-"),
+                ("privacy", f"(ε = {self.privacy['epsilon']:.3g}, δ = {self.privacy['delta']:.3g})-DP"
+                            if self.privacy else "-"),
                 ("created", self.created), ("pelthub", self.pelthub_version)]
         table = "\n".join(f"| {k} | {v} |" for k, v in rows)
         intro = f"{self.description}\n\n" if self.description else ""

@@ -144,7 +144,8 @@ class Registry:
                 tags=tags, metrics=metrics, trainable_parameters=counted,
                 files={f: {"sha256": sha, "size": size} for f, (sha, size) in files.items()},
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"), pelthub_version=__version__,
-                parents=resolved, description=description, source=None if source is None else dict(source))
+                parents=resolved, description=description, source=None if source is None else dict(source),
+                privacy=info.get("privacy"))
             with self.index.write() as index:
                 existing = index.by_identity(draft.identity())
                 if existing:
