@@ -20,6 +20,7 @@ import pelthub as ph
 from pelthub.errors import ConfigError, RoutingError
 from pelthub.hub.peft import export
 from pelthub.modules.hypernet import add_task
+from pelthub.routing.tasks import PerTask
 from tests import tiny
 
 run = tiny.run
@@ -235,6 +236,31 @@ def test_round_trip_and_refusals(kind, tmp_path):
                                rtol=0, atol=0)   # still attached
     with pytest.raises(RoutingError, match="task_ids=.*one task per example"):
         run(model, inputs)
+    with pytest.raises(RoutingError, match=f"adapter_names selects among .* modules per example, not \\['{kind}'\\]"):
+        run(model, inputs, adapter_names=["default"] * 4)
+    with pytest.raises(ConfigError, match="PerTask.modules must be one config per kind"):
+        PerTask(KINDS[kind], tasks=TASKS)
+
+
+def test_hyperformer_under_checkpointing_gives_the_same_gradients():
+    """The hooks read the task ids inside the layers: the recomputed forward must see the same call state."""
+    _, model, _ = _attached(KINDS["hyperformer"])
+    inputs, task_ids = tiny.batch("bert", b=4), ["c", "a", "c", "b"]
+    model.train()
+
+    def grads():
+        torch.manual_seed(0)  # the same dropout draws in both runs
+        model.zero_grad()
+        model(**inputs, task_ids=task_ids).logits.square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    want = grads()
+    model.gradient_checkpointing_enable()
+    got = grads()
+    assert sorted(got) == sorted(want) and want
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(ConfigError, match="HyperformerModule read per-call state"):
+        model.gradient_checkpointing_enable({"use_reentrant": True})
 
 
 def test_config_errors():
