@@ -120,7 +120,7 @@ def _hidden_importance(p: dict[str, Any]) -> torch.Tensor:
     """Σ|w| per hidden dimension over every weight of one layer that reads it (columns) or writes it (rows)."""
     reads = sum(p[r].weight.detach().abs().sum(0) for r in ("q", "k", "v", "up"))
     writes = sum(p[r].weight.detach().abs().sum(1) for r in ("o", "down"))
-    return (reads + writes).float()
+    return (reads + writes).float().cpu()
 
 
 def _head_dims(score: torch.Tensor, heads: int, keep: int) -> torch.Tensor:
@@ -143,9 +143,10 @@ class SideBlock(nn.Module):
 
     @torch.no_grad()
     def copy_pruned(self, p: dict[str, Any], kept: torch.Tensor, r: int) -> None:
-        """Fill with backbone layer `p` restricted to hidden dims `kept` and its most important head dims and units."""
+        """Fill with backbone layer `p` restricted to hidden dims `kept` and its most important head dims and units
+        (chosen on the CPU, wherever the backbone is)."""
         heads, keep = self.heads, self.q.out_features // self.heads
-        w = {role: p[role].weight.detach().float() for role in _LINEARS}
+        w = {role: p[role].weight.detach().float().cpu() for role in _LINEARS}
         qk = _head_dims(w["q"].abs().sum(1) + w["k"].abs().sum(1), heads, keep)
         vo = _head_dims(w["v"].abs().sum(1) + w["o"].abs().sum(0), heads, keep)
         units = _top(w["up"].abs().sum(1) + w["down"].abs().sum(0), self.up.out_features)
@@ -153,10 +154,10 @@ class SideBlock(nn.Module):
                                  ("up", units, kept), ("down", kept, units)):
             target = getattr(self, role)
             target.weight.copy_(w[role][rows][:, cols])
-            target.bias.copy_(p[role].bias.detach()[rows])
+            target.bias.copy_(p[role].bias.detach().cpu()[rows])
         for norm, source in zip((self.norm1, self.norm2), p["norms"]):
-            norm.weight.copy_(source.weight.detach()[kept])
-            norm.bias.copy_(source.bias.detach()[kept])
+            norm.weight.copy_(source.weight.detach().cpu()[kept])
+            norm.bias.copy_(source.bias.detach().cpu()[kept])
 
     def forward(self, g: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """g (B, n, d'); mask (B, 1, 1, n) True where a key is a real token, or None."""
