@@ -162,6 +162,7 @@ def test_fresh_hyperformer_is_the_base(arch, placement):
 # ----- both -----
 
 KINDS = {"hyperprompt": ph.HyperPrompt(length=3, bottleneck=4, **SMALL),
+         "hyperprompt-free": ph.HyperPrompt(length=3, variant="free", tasks=TASKS),
          "hyperformer": ph.Hyperformer(reduction=4, **SMALL)}
 
 
@@ -192,7 +193,9 @@ def test_generate_runs_each_input_under_its_own_task(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_new_task_trains_its_own_tensors_only(kind):
-    """add_task: the new row starts at the mean of the others; one AdamW step (weight decay on) moves it alone."""
+    """add_task: the new row starts at the mean of the others; one AdamW step (weight decay on) moves it alone.
+
+    (For "free" HyperPrompt the new task's row is its whole prefix: nothing is shared.)"""
     _, model, module = _attached(KINDS[kind])
     inputs = tiny.batch("bert", b=3)
     before = {name: run(model, inputs, task_ids=[name] * 3) for name in TASKS}
@@ -220,6 +223,7 @@ def test_new_task_trains_its_own_tensors_only(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_round_trip_and_refusals(kind, tmp_path):
     base, model, _ = _attached(KINDS[kind])
+    kind = KINDS[kind].kind
     add_task(model, "d")
     inputs, task_ids = tiny.batch("bert", b=4), ["d", "a", "c", "b"]
     reg = ph.Registry(tmp_path / "reg")
@@ -239,7 +243,7 @@ def test_round_trip_and_refusals(kind, tmp_path):
     with pytest.raises(RoutingError, match=f"adapter_names selects among .* modules per example, not \\['{kind}'\\]"):
         run(model, inputs, adapter_names=["default"] * 4)
     with pytest.raises(ConfigError, match="PerTask.modules must be one config per kind"):
-        PerTask(KINDS[kind], tasks=TASKS)
+        PerTask(model.adapters["default"][kind].config, tasks=TASKS)
 
 
 def test_hyperformer_under_checkpointing_gives_the_same_gradients():
@@ -261,6 +265,23 @@ def test_hyperformer_under_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
     with pytest.raises(ConfigError, match="HyperformerModule read per-call state"):
         model.gradient_checkpointing_enable({"use_reentrant": True})
+
+
+@pytest.mark.parametrize("family", ["bart", "opt", "falcon", "qwen3"])
+def test_other_families_serve_mixed_batches(family):
+    """Encoder-decoder (BART: the decoder's self-attention gets the prefix), multi-query Falcon (one key/value
+    head), Qwen3 (q/k norms): a mixed batch equals each task alone; a fresh Hyperformer is the base."""
+    base, inputs = tiny.FAMILIES[family](), tiny.batch(family, b=3)
+    expected_base = run(base, inputs)
+    for config in (KINDS["hyperprompt"], KINDS["hyperformer"]):
+        model = ph.attach(copy.deepcopy(base), config)
+        if config.kind == "hyperformer":
+            torch.testing.assert_close(run(model, inputs, task_ids=[0, 1, 2]), expected_base, rtol=0, atol=0)
+        tiny.perturb(model, seed=2, scale=0.3)
+        mixed = run(model, inputs, task_ids=[2, 0, 1])
+        for i, t in enumerate([2, 0, 1]):
+            torch.testing.assert_close(mixed[i], run(model, inputs, task_ids=[t] * 3)[i], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(mixed, expected_base, atol=1e-4)
 
 
 def test_config_errors():
