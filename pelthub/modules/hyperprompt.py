@@ -72,13 +72,13 @@ class HyperPromptModule(TaskConditioned):
     unmergeable = "a prefix adds key/value positions to attention, which no weight update reproduces"
 
     def __init__(self, config: HyperPrompt, d: int, layers: int, heads: int, head_dim: int):
-        self.shape = (layers, heads, head_dim)
         l, e, kv = config.length, config.embedding, heads * head_dim
         if config.variant == "free":
             rows = [{"kv": torch.randn(l, 2 * layers * kv)} for _ in config.tasks]
         else:
             rows = [{"embedding": torch.randn(e), "prompt": torch.randn(l, d)} for _ in config.tasks]
         super().__init__(config, rows)
+        self.shape = (layers, heads, head_dim)
         if config.variant == "global":
             self.layer_embeddings = nn.Parameter(torch.randn(layers, e))
             self.mlp = mlp(2 * e, config.hidden)
@@ -99,7 +99,7 @@ class HyperPromptModule(TaskConditioned):
         i = self.mlp(torch.cat([k[:, None].expand(u, m, e), z.expand(u, m, e)], -1))    # (U, M, h)
         b, l = self.config.bottleneck, self.config.length
         down = self.down(i).view(u, m, 2, -1, b)                                         # (U, M, K|V, d, b)
-        up = self.up(i).view(u, m, 2, b, -1)                                             # (U, M, K|V, b, width)
+        up = self.up(i).view(u, m, 2, b, -1)                                             # (U, M, K|V, b, heads·hd)
         hidden = torch.relu(torch.einsum("uld,umsdb->umslb", self.stacked("prompt", tasks), down))
-        kv = torch.einsum("umslb,umsbw->ulmsw", hidden, up)                              # (U, l, M, K|V, width)
+        kv = torch.einsum("umslb,umsbw->ulmsw", hidden, up)                              # (U, l, M, K|V, heads·hd)
         return kv.reshape(u, l, m * 2 * up.shape[-1])
