@@ -9,7 +9,8 @@ also runs that single process (no wrapper, no collective), and writes:
 
 - OUT_DIR/reference-CASE.safetensors: the single-process module tensors and the probe logits;
 - OUT_DIR/WRAPPER/CASE/: `save_pretrained` of the sharded model;
-- OUT_DIR/storage.json: per rank, how many base elements it holds, with three module sets attached.
+- OUT_DIR/storage.json: per rank, how many base elements it holds, with three module sets attached,
+  and what `merge_and_unload` said on the sharded model.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pelthub as ph  # noqa: E402
+from pelthub.errors import PeltError  # noqa: E402
 from pelthub.tiny import VOCAB, bert, perturb  # noqa: E402
 
 TASKS = ("a", "b")
@@ -102,7 +104,8 @@ def save(wrapped: torch.nn.Module, model: ph.ModularModel, directory: str) -> No
 
 
 def storage(out: str) -> None:
-    """Three module sets on one base, sharded: each rank holds about half of the base's elements, once."""
+    """Three module sets on one base, sharded: each rank holds about half of the base's elements, once;
+    merging into the shards is refused."""
     from torch.distributed.fsdp import fully_shard
     model = ph.attach(base(), ph.LoRA(r=2), name="one")
     ph.attach(model, ph.IA3(), name="two")
@@ -114,10 +117,15 @@ def storage(out: str) -> None:
     local = sum(p.to_local().numel() for p in model.base.parameters())
     counts = [None] * dist.get_world_size()
     dist.all_gather_object(counts, local)
+    try:
+        model.merge_and_unload()
+        merge = "merged"
+    except PeltError as e:
+        merge = f"{type(e).__name__}: {e}"
     if dist.get_rank() == 0:
         with open(os.path.join(out, "storage.json"), "w") as f:
             json.dump({"base_elements": total, "local_elements": counts,
-                       "base_tensors": len(list(model.base.parameters()))}, f)
+                       "base_tensors": len(list(model.base.parameters())), "merge": merge}, f)
 
 
 def main(out: str) -> None:

@@ -68,3 +68,9 @@ def test_base_is_sharded_once_whatever_the_number_of_module_sets(out):
     assert stored["base_elements"] == elements and stored["base_tensors"] == len(list(base.parameters()))
     assert sum(stored["local_elements"]) == elements  # each element on one rank, none copied per module set
     assert max(stored["local_elements"]) <= elements // 2 + 32 * stored["base_tensors"]  # about half each
+
+
+@pytest.mark.slow
+def test_merging_into_sharded_weights_is_refused(out):
+    assert json.loads((out / "storage.json").read_text())["merge"].startswith(
+        "UnsupportedModelError: merge_and_unload cannot fold modules into sharded weights")

@@ -27,7 +27,7 @@ from ..sites import Sites
 from .compat import cache_keyword, disable_checkpointing, enable_checkpointing, is_checkpointing
 from .generation import generate
 from .inputs import add_prefix, input_embeddings, prefix_cache, prepend_prompt
-from .io import save_modules
+from .io import is_dtensor, save_modules
 from .select import Selection, release as release_selection, selected_ids, set_adapter
 
 # Bases that carry a ModularModel's hooks right now (weakly held: a dropped model frees its base).
@@ -185,6 +185,14 @@ class ModularModel(nn.Module):
                 f"{', ...' if len(packed) > 3 else ''} hold packed integers, not a dense matrix to add to); load the "
                 "base without quantization (no quantization_config), ph.from_pretrained the saved modules onto it, "
                 "and merge there, or keep the modules attached")
+        split = sharded_weights(self.base)
+        if modules and split:
+            raise UnsupportedModelError(
+                f"merge_and_unload cannot fold modules into sharded weights ({', '.join(split[:3])}"
+                f"{', ...' if len(split) > 3 else ''} hold one rank's part: FSDP2 DTensors or DeepSpeed ZeRO-3 "
+                "partitions); save the modules (model.save_pretrained on every rank) and merge on an unsharded "
+                "base with ph.from_pretrained, or merge inside deepspeed.zero.GatheredParameters(all parameters, "
+                "modifier_rank=0) on rank 0")
         heads = {site_name(k): h for hs in self.heads.values() for k, h in hs.items()}
         self.detach()
         for m in modules:
@@ -263,7 +271,8 @@ class ModularModel(nn.Module):
         ids = as_ids(task_ids, len(self.task_names) or None, "tasks in task_ids", self.task_names)
         if batch is not None and ids.shape[0] != batch:
             raise RoutingError(f"task_ids holds {ids.shape[0]} ids for a batch of {batch}; give one per example")
-        return ids.to(self.base.device)
+        device = self.device  # meta where accelerate offloads the first weight: the ids stay, each module moves them
+        return ids if device.type == "meta" else ids.to(device)
 
     @contextmanager
     def bind(self, task_ids: Any = None, attention_mask: torch.Tensor | None = None,
@@ -426,6 +435,13 @@ def quantized_layers(base: nn.Module) -> list[str]:
     return [name for name, m in base.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
             and (not m.weight.is_floating_point() or type(m.weight).__name__ in ("Params4bit", "Int8Params")
                  or type(m.weight).__module__.startswith("torchao."))]
+
+
+def sharded_weights(base: nn.Module) -> list[str]:
+    """Names of weights that hold one rank's part only: FSDP2's DTensors, DeepSpeed ZeRO-3's parameters while
+    partitioned (they carry their whole size as `ds_numel`; inside `GatheredParameters` they hold it)."""
+    return [name for name, p in base.named_parameters()
+            if is_dtensor(p) or p.numel() != getattr(p, "ds_numel", p.numel())]
 
 
 class StackedHooksWarning(UserWarning):
