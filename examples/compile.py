@@ -5,9 +5,8 @@
 
 A LoRA and a Poly model (two tasks, a mixed batch) are compiled with `torch.compile(model)`.
 Each compiled model's logits are checked against eager (1e-5), then both are timed over a few
-batches of one shape: new task ids of the same shape reuse the compiled graphs. Poly reads its
-task ids from the per-call state between layers, which dynamo does not trace (a graph break per
-routed layer), so it gains less from compiling than LoRA (see benchmarks/compile.py).
+batches of one shape: new task ids of the same shape reuse the compiled graphs. Both compile into
+one graph per forward (Poly's task ids are graph inputs; see benchmarks/compile.py for every kind).
 """
 from __future__ import annotations
 

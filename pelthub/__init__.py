@@ -8,7 +8,7 @@ from .composition import Average, Stack, WeightedSum, compose, merge, search_wei
 from .composition.merge import merge_prefixes
 from .errors import PeltError
 from .generative import evaluate, generate_texts
-from .model import ModularModel, attach, from_pretrained
+from .model import ModularModel, attach, from_pretrained, hotswap
 from .modules import (DSEE, IA3, LST, MAM, VPT, Bottleneck, Compacter, HyperPrompt, Hyperformer, KAdaptation,
                       LNTuning, LoRA, Prefix, Prompt)
 from .hub import Registry
@@ -46,6 +46,6 @@ __all__ = [
     "LNTuning", "LST", "LoRA", "MAM", "ModularModel", "PeltError", "PerTask", "Poly", "Prefix", "Projector",
     "ProjectorConfig", "Prompt", "Registry", "SPT", "SaveModulesCallback", "Stack", "UniPELT", "VPT", "WeightedSum",
     "__version__", "as_examples", "attach",
-    "choice_batches", "compose", "doctor", "evaluate", "from_pretrained", "generate_texts", "merge", "merge_prefixes",
-    "project_prompts", "rank_sources", "recycle", "search_weights", "tfew_ia3", "tfew_loss", "train_projector",
+    "choice_batches", "compose", "doctor", "evaluate", "from_pretrained", "generate_texts", "hotswap", "merge",
+    "merge_prefixes", "project_prompts", "rank_sources", "recycle", "search_weights", "tfew_ia3", "tfew_loss", "train_projector",
 ]

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..modules.config import Buildable
 from ..sites import Sites
+from .hotswap import hotswap
 from .io import load_modules
 from .modular import ModularModel, TrainableParameters, warn_if_wrapped
 
@@ -50,4 +51,4 @@ def from_pretrained(base: nn.Module, directory: str | os.PathLike, strict_base: 
         raise
 
 
-__all__ = ["ModularModel", "Sites", "TrainableParameters", "attach", "from_pretrained"]
+__all__ = ["ModularModel", "Sites", "TrainableParameters", "attach", "from_pretrained", "hotswap"]

@@ -59,13 +59,16 @@ class CallContext:
         return self._var.get()
 
     def run(self, state: CallState, fn: Callable[[], Any]) -> Any:
-        """fn(**kwargs) inside a call bound to `state`, with the state visible to torch.compile.
+        """fn() for a call already bound to `state` (`bound`), with the state visible to torch.compile.
 
         dynamo cannot trace `ContextVar.get` (a graph break in every hook that reads it), so while it
         traces this function the state is also put in `_traced`, where the hooks it inlines read it:
         dynamo follows that to `state`, an argument of this frame, so the compiled graph takes the
-        call's tensors (task ids, masks) as inputs and guards on its flags. Run eagerly (also every
-        compiled run of the graph) this writes nothing; the hooks read the ContextVar.
+        call's tensors (task ids, masks) as graph inputs and guards on its flags (new task ids of one
+        shape compile nothing). Run eagerly, and in every run of the compiled graph, nothing is
+        written: the hooks read the ContextVar, and threads never see each other's state. After a
+        graph break inside fn, dynamo resumes outside this frame, where `_traced` is None and the
+        hooks read the ContextVar (a break per hook, still correct).
         """
         if not torch.compiler.is_compiling():
             return fn()

@@ -176,7 +176,8 @@ class ArrowLinear(nn.Module):
         if h.shape[0] == 0:
             return h.new_zeros(*lead, self.lora_b.shape[2])
         chosen, weights = self.route(h, top_k, temperature)
-        return sparse_update(h, chosen, weights, self.lora_a, self.lora_b).reshape(*lead, -1)
+        update = dense_update if torch.compiler.is_compiling() else sparse_update  # dynamo traces no sparse tensors
+        return update(h, chosen, weights, self.lora_a, self.lora_b).reshape(*lead, -1)
 
 
 def sparse_update(h: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, a: torch.Tensor,
@@ -201,6 +202,16 @@ def sparse_update(h: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, 
     z = z * weights.gather(1, order).repeat_interleave(r, 1).reshape(-1)
     update = torch.sparse_csr_tensor(crow, cols, z, mask.shape, check_invariants=False)
     return (update @ b.reshape(-1, b.shape[2])).to(dtype)
+
+
+def dense_update(h: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, a: torch.Tensor,
+                 b: torch.Tensor) -> torch.Tensor:
+    """`sparse_update` with dense matmuls, for torch.compile: (W ⊙ (h Aᵀ)) (s·B)ᵀ where W (t, E·r) holds
+    weights[t, j] on the r rows of source chosen[t, j] and 0 elsewhere. Every source is read, so E/k
+    times `sparse_update`'s FLOPs on the update (small next to the base layer at r ≪ d)."""
+    w = h.new_zeros(h.shape[0], a.shape[0]).scatter(1, chosen, weights.to(h.dtype))
+    z = (h @ a.reshape(-1, a.shape[2]).T) * w.repeat_interleave(a.shape[1], 1)
+    return z @ b.reshape(-1, b.shape[2])
 
 
 @functools.cache
