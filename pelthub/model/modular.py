@@ -191,8 +191,9 @@ class ModularModel(nn.Module):
                 f"merge_and_unload cannot fold modules into sharded weights ({', '.join(split[:3])}"
                 f"{', ...' if len(split) > 3 else ''} hold one rank's part: FSDP2 DTensors or DeepSpeed ZeRO-3 "
                 "partitions); save the modules (model.save_pretrained on every rank) and merge on an unsharded "
-                "base with ph.from_pretrained, or merge inside deepspeed.zero.GatheredParameters(all parameters, "
-                "modifier_rank=0) on rank 0")
+                "base with ph.from_pretrained, or, under ZeRO-3, merge on every rank inside "
+                "deepspeed.zero.GatheredParameters(every parameter, modifier_rank=0) (LoRA and IA3; LN-tuning's "
+                "norms stay partitioned there)")
         heads = {site_name(k): h for hs in self.heads.values() for k, h in hs.items()}
         self.detach()
         for m in modules:
