@@ -101,6 +101,17 @@ def test_backbone_runs_without_gradients_and_its_parameters_get_none():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in model.module_parameters())
 
 
+def test_grad_mode_is_restored_when_the_backbone_raises():
+    model = ph.attach(tiny.bert(), LST(reduction=2), head=True)
+
+    def fail(_m, _a, _o):
+        raise ValueError("a layer failed")
+    model.base.bert.encoder.layer[1].register_forward_hook(fail)
+    with pytest.raises(ValueError, match="a layer failed"):
+        model(**tiny.batch("bert"))
+    assert torch.is_grad_enabled()
+
+
 def _side_output(model, inputs, shift=None):
     """The side output (a BertModel's last hidden state), with backbone layer `shift`'s output moved by fixed
     noise (a hook of the test's own, run before LST's)."""
