@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -63,7 +62,7 @@ def build(case: str) -> ph.ModularModel:
     """The same model on every rank: the base from its seed, the modules moved off their identity start.
     In eval mode (the gradients are the same), where Poly routes without sampling: its training-mode
     noise is drawn per example from each rank's own generator."""
-    model = CASES[case](base()).eval()  # eval: Poly samples its routing per example in training mode
+    model = CASES[case](base()).eval()
     perturb(model, seed=2)
     return model
 

@@ -16,9 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import pelthub as ph
-
-sys.path.insert(0, str(Path(__file__).parent))
-import fsdp_worker as worker  # noqa: E402
+from tests import fsdp_worker as worker
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = [(case, wrapper) for case in worker.CASES for wrapper in ("fsdp2", "fsdp1")]
