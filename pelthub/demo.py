@@ -28,6 +28,7 @@ of an encoder.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import time
 from pathlib import Path
@@ -245,6 +246,8 @@ def run(args: argparse.Namespace) -> dict[str, list[tuple[float, int, float]]]:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()   # no "Loading weights" bar for each of the many model loads
+    for announcer in ("torchao", "torch.utils._pytree"):  # transformers imports torchao when installed (the dev
+        logging.getLogger(announcer).setLevel(logging.ERROR)  # extra has it): its skipped CUDA kernels, deprecations
     demo = Demo(args)
     ph, out = demo.ph, Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
