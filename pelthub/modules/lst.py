@@ -92,7 +92,7 @@ class LST(ModuleConfig):
         if init:
             kept = _top(sum(_hidden_importance(p) for p in parts), side)
             for block, p in zip(blocks, parts):
-                block.copy_pruned(p, kept, r)
+                block.copy_pruned(p, kept)
             module.select(kept)
         return module
 
@@ -142,7 +142,7 @@ class SideBlock(nn.Module):
         self.act = copy.deepcopy(parts["act"])
 
     @torch.no_grad()
-    def copy_pruned(self, p: dict[str, Any], kept: torch.Tensor, r: int) -> None:
+    def copy_pruned(self, p: dict[str, Any], kept: torch.Tensor) -> None:
         """Fill with backbone layer `p` restricted to hidden dims `kept` and its most important head dims and units
         (chosen on the CPU, wherever the backbone is)."""
         heads, keep = self.heads, self.q.out_features // self.heads
