@@ -19,6 +19,7 @@ from .routing.spt import SPT
 from .routing.tasks import PerTask
 from .tasks import as_examples
 from .tasks.generative import GenerativeExample
+from .privacy import Privacy, fit_private
 from .recycle import recycle
 from .tfew import choice_batches, tfew_ia3, tfew_loss
 from .transfer import rank_sources
@@ -43,9 +44,11 @@ def doctor(quick: bool = False) -> int:
 __all__ = [
     "AttentionMix", "Arrow", "Average", "Bottleneck", "Compacter", "DSEE", "GenerativeExample",
     "HyperPrompt", "Hyperformer", "IA3", "KAdaptation",
-    "LNTuning", "LST", "LoRA", "MAM", "ModularModel", "PeltError", "PerTask", "Poly", "Prefix", "Projector",
+    "LNTuning", "LST", "LoRA", "MAM", "ModularModel", "PeltError", "PerTask", "Poly", "Prefix", "Privacy",
+    "Projector",
     "ProjectorConfig", "Prompt", "Registry", "SPT", "SaveModulesCallback", "Stack", "UniPELT", "VPT", "WeightedSum",
     "__version__", "as_examples", "attach",
-    "choice_batches", "compose", "doctor", "evaluate", "from_pretrained", "generate_texts", "hotswap", "merge",
+    "choice_batches", "compose", "doctor", "evaluate", "fit_private", "from_pretrained", "generate_texts", "hotswap",
+    "merge",
     "merge_prefixes", "project_prompts", "rank_sources", "recycle", "search_weights", "tfew_ia3", "tfew_loss", "train_projector",
 ]
