@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -96,11 +97,10 @@ def save_modules(model: "ModularModel", directory: str | os.PathLike, **meta: An
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
-    """Whether `t` is a DTensor (FSDP2 / tensor-parallel shards); False where torch has no distributed package."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-    return isinstance(t, DTensor)
+    """Whether `t` is a DTensor (FSDP2 / tensor-parallel shards). Asked without importing
+    torch.distributed.tensor (seconds): no DTensor exists before that module is loaded."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def read_description(directory: str | os.PathLike) -> dict[str, Any]:
