@@ -10,13 +10,14 @@ also runs that single process (no wrapper, no collective), and writes:
 - OUT_DIR/reference-CASE.safetensors: the single-process module tensors and the probe logits;
 - OUT_DIR/WRAPPER/CASE/: `save_pretrained` of the sharded model;
 - OUT_DIR/storage.json: per rank, how many base elements it holds, with three module sets attached,
-  and what `merge_and_unload` said on the sharded model.
+  and what `merge_and_unload` and attaching one more set said on the sharded model.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -104,7 +105,7 @@ def save(wrapped: torch.nn.Module, model: ph.ModularModel, directory: str) -> No
 
 def storage(out: str) -> None:
     """Three module sets on one base, sharded: each rank holds about half of the base's elements, once;
-    merging into the shards is refused."""
+    merging into the shards, or attaching after sharding, is refused."""
     from torch.distributed.fsdp import fully_shard
     model = ph.attach(base(), ph.LoRA(r=2), name="one")
     ph.attach(model, ph.IA3(), name="two")
@@ -116,15 +117,21 @@ def storage(out: str) -> None:
     local = sum(p.to_local().numel() for p in model.base.parameters())
     counts = [None] * dist.get_world_size()
     dist.all_gather_object(counts, local)
-    try:
-        model.merge_and_unload()
-        merge = "merged"
-    except PeltError as e:
-        merge = f"{type(e).__name__}: {e}"
+    said = {"merge": refusal(model.merge_and_unload),
+            "attach": refusal(lambda: ph.attach(model, ph.IA3(), name="late"))}
     if dist.get_rank() == 0:
         with open(os.path.join(out, "storage.json"), "w") as f:
             json.dump({"base_elements": total, "local_elements": counts,
-                       "base_tensors": len(list(model.base.parameters())), "merge": merge}, f)
+                       "base_tensors": len(list(model.base.parameters())), **said}, f)
+
+
+def refusal(call: Callable[[], object]) -> str:
+    """What `call()` raised (a pelthub error), or "done"."""
+    try:
+        call()
+        return "done"
+    except PeltError as e:
+        return f"{type(e).__name__}: {e}"
 
 
 def main(out: str) -> None:

@@ -69,6 +69,7 @@ def test_base_is_sharded_once_whatever_the_number_of_module_sets(out):
 
 
 @pytest.mark.slow
-def test_merging_into_sharded_weights_is_refused(out):
-    assert json.loads((out / "storage.json").read_text())["merge"].startswith(
-        "UnsupportedModelError: merge_and_unload cannot fold modules into sharded weights")
+def test_merging_into_sharded_weights_or_attaching_after_sharding_is_refused(out):
+    said = json.loads((out / "storage.json").read_text())
+    assert said["merge"].startswith("UnsupportedModelError: merge_and_unload cannot fold modules into sharded weights")
+    assert said["attach"].startswith("ConfigError: cannot attach 'late' to a sharded base")

@@ -90,6 +90,10 @@ class ModularModel(nn.Module):
         if name in self.adapters:
             raise DuplicateNameError(f"a module set named {name!r} is already attached; "
                                      "pick another name= or model.remove(name) first")
+        if sharded_weights(self.base):  # new modules would be plain tensors each rank trains on its own
+            raise ConfigError(f"cannot attach {name!r} to a sharded base (FSDP2 DTensors or DeepSpeed ZeRO-3 "
+                              "partitions): attach or load every module set first, then fully_shard / "
+                              "deepspeed.initialize")
         kinds = [c.kind for c in configs]
         if len(set(kinds)) != len(kinds) or not configs:
             raise ConfigError(f"one set holds one module per kind (at least one), got kinds {kinds}; "
