@@ -68,13 +68,14 @@ def alone(model: ph.ModularModel, batch: dict[str, torch.Tensor], params: list) 
     return [[torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)] for gs in out]
 
 
-@pytest.mark.parametrize("arch", ["bert", "roberta"])
+@pytest.mark.parametrize("arch,microbatch", [("bert", 1), ("bert", 4), ("roberta", 3)])
 @pytest.mark.parametrize("kinds", KINDS)
-def test_per_example_gradients_equal_each_example_taken_alone(arch, kinds):
+def test_per_example_gradients_equal_each_example_taken_alone(arch, microbatch, kinds):
+    """Microbatches of 1, of the whole batch, and 3 + 1 examples."""
     model = model_with(KINDS[kinds], arch).eval()
     batch = labelled(arch)
     names, params = zip(*model.module_parameters())
-    losses = set_grad_samples(model, batch, params)
+    losses = set_grad_samples(model, batch, params, microbatch)
     want = alone(model, batch, params)
     assert losses.shape == (4,)
     for j, p in enumerate(params):
@@ -135,9 +136,9 @@ def test_poisson_batches_vary_and_an_empty_one_is_a_noise_only_step(tokenizer):
     seen = []
     original = set_grad_samples
 
-    def spy(model, batch, params):
+    def spy(model, batch, *rest):
         seen.append(0 if batch is None else len(batch["labels"]))
-        return original(model, batch, params)
+        return original(model, batch, *rest)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("pelthub.privacy.set_grad_samples", spy)
@@ -195,6 +196,8 @@ def test_bad_calls_are_refused(tokenizer):
     with pytest.raises(ConfigError, match="ModularModel"):
         fit_private(tiny.bert(), examples(8), tokenizer, settings, progress=False)
     model = model_with(KINDS["lora"])
+    with pytest.raises(ConfigError, match="microbatch must be a positive integer"):
+        fit_private(model, examples(8), tokenizer, settings, batch_size=4, microbatch=0, progress=False)
     with pytest.raises(ConfigError, match="exceeds the 8 examples"):
         fit_private(model, examples(8), tokenizer, settings, batch_size=16, progress=False)
     model.base.bert.embeddings.word_embeddings.weight.requires_grad_(True)
