@@ -33,8 +33,11 @@ from ..model.modular import ModularModel
 from ..modules.prompt import Prompt, PromptModule
 from ..registry import Ranking, require_registry
 from ..tasks import Example, as_examples
+from ..tasks.generative import is_generative
 from ..training import fit, mean_loss, probabilities
 from .activations import prompt_activations
+from .generative import GENERATIVE_DEFAULT, GENERATIVE_METRICS, rank_generative
+from .generative import is_card as _is_card, named as _named
 from .methods import prompt_module, prompt_tensor
 from .metrics import ACTIVATION_METRICS, Layers, adjusted_leep, leep, score_matrix
 
@@ -42,22 +45,6 @@ METRICS = ("on", "activation_cosine", "cosine_avg", "cosine_tokens", "euclidean"
            "adjusted_leep")
 HEAD_METRICS = {"leep": leep, "adjusted_leep": adjusted_leep}  # read each source's own head; tune no target
 TARGET_NAME = "rank-target"
-
-
-def _is_card(value: Any) -> bool:
-    return hasattr(value, "ref") and hasattr(value, "base_model") and hasattr(value, "kinds")
-
-
-def _named(candidates: Any) -> list[tuple[str, Any]]:
-    if isinstance(candidates, (torch.Tensor, nn.Module, str)) or _is_card(candidates):
-        raise ConfigError("candidates must be a list or a {name: candidate} mapping, got one "
-                          f"{type(candidates).__name__}")
-    items = list(candidates.items()) if isinstance(candidates, Mapping) else [
-        (c if isinstance(c, str) else c.ref if _is_card(c) else f"candidate{i}", c) for i, c in enumerate(candidates)]
-    names = [n for n, _ in items]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"candidate names must be distinct, got {sorted(n for n in names if names.count(n) > 1)}")
-    return items
 
 
 def _load_entry(base: nn.Module, value: Any, registry: Any, heads: bool | str) -> ModularModel:
@@ -137,15 +124,21 @@ def _filler(tokenizer: Any) -> int | None:
     return None
 
 
-def rank_sources(base: nn.Module, target_data: Any, candidates: Any, metric: str = "adjusted_leep", *,
+def rank_sources(base: nn.Module, target_data: Any, candidates: Any, metric: str | None = None, *,
                  tokenizer: Any = None, target: ModularModel | Prompt | None = None, target_steps: int = 50,
                  batch_size: int = 16, lr: float = 0.03, layers: Layers = None, position: str = "filler",
                  registry: Any = None, eval_examples: int = 128, chunk: int = 64, seed: int = 0,
                  target_seeds: int = 1, max_length: int = 64, progress: bool = False, split: str | None = None,
-                 columns: Mapping[str, str | None] | None = None) -> Ranking:
+                 columns: Mapping[str, str | None] | None = None, shortlist: int | None = None) -> Ranking:
     """Score every candidate source prompt for the target task and sort them, best first.
 
-    metric: "adjusted_leep" by default, chosen by measurement on real MiniLM. In the full transfer
+    Generative targets (`GenerativeExample`s, or rows with input and target columns) are ranked by
+    `pelthub.transfer.generative` instead: candidates are any module sets, scored by "likelihood" (the
+    default there), "choice_leep" or "arrow_routing" on the first `eval_examples` examples, with no
+    target tuning; `shortlist=K` scores only the K LoRAs whose routing signatures retrieve best (see
+    that module). Only tokenizer, registry, batch_size, max_length, chunk, progress and columns apply.
+
+    metric: "adjusted_leep" by default for classification targets, chosen by measurement on real MiniLM. In the full transfer
     study (`python -m benchmarks.transfer_evidence`: 6 sources × 5 seeds, 3 held-out targets ×
     5 seeds, every head 2-label) leep and adjusted_leep both reached a within-target AUC of
     same- vs other-family sources of 1.00 and a same-family top-1 pick in 15 of 15 (target,
@@ -179,10 +172,20 @@ def rank_sources(base: nn.Module, target_data: Any, candidates: Any, metric: str
     score over them: one short tuning run is a noisy task embedding (on
     MiniLM the top-ranked source changed between seeds of one target).
     """
-    if metric not in METRICS:
-        raise ConfigError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
     if isinstance(base, ModularModel):
         raise ConfigError("rank_sources takes the plain base model; pass model.base (with no modules attached)")
+    if is_generative(target_data):
+        return rank_generative(base, target_data, candidates, metric or GENERATIVE_DEFAULT,
+                               _tokenizer(base, tokenizer), registry, eval_examples, batch_size, max_length, chunk,
+                               shortlist, columns, progress)
+    metric = metric or "adjusted_leep"
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; choose one of {list(METRICS)}"
+                          + (" (generative metrics need GenerativeExample targets)" if metric in GENERATIVE_METRICS
+                             else ""))
+    if shortlist is not None:
+        raise ConfigError("shortlist= retrieves LoRAs for generative targets; classification targets rank "
+                          "prompts: leave shortlist out")
     target_data = as_examples(target_data, split, columns)
     if not target_data:
         raise ConfigError("target_data is empty: give labelled examples of the target task")
