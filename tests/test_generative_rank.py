@@ -177,6 +177,10 @@ def test_shortlist_scores_the_top_k_keys_and_equals_exhaustive_when_k_covers_all
     short = ph.rank_sources(base, DATA, list(refs), tokenizer=tok, registry=registry, shortlist=2)
     assert sorted(short.names()) == sorted(top2)
     assert short.rows == [row for row in exhaustive.rows if row[0] in top2]
+    long = [G("a", "1 2 3 4 5 6 7 8 9"), G("b", "10 11 12 13 14 15 16")]  # its inputs alone pick another top 2
+    keys = hand_keys(base, "gpt2", tok, [G(f"{e.input} {e.target}", e.target) for e in long], models)
+    short = ph.rank_sources(base, long, list(refs), tokenizer=tok, registry=registry, shortlist=2)
+    assert sorted(short.names()) == sorted(sorted(refs, key=lambda r: -keys[refs[r]])[:2])
 
 
 # ------------------------------------------------------------------ errors
