@@ -48,6 +48,19 @@ def examples(n: int, seed: int = 0) -> list[Example]:
     return out
 
 
+@pytest.fixture
+def batches_seen(monkeypatch) -> list:
+    """The batches fit_private computes per-example gradients on (None: an empty Poisson batch)."""
+    seen = []
+
+    def spy(model, batch, *rest):
+        seen.append(batch)
+        return set_grad_samples(model, batch, *rest)
+
+    monkeypatch.setattr("pelthub.privacy.set_grad_samples", spy)
+    return seen
+
+
 def model_with(kinds: list, arch: str = "bert") -> ph.ModularModel:
     model = ph.attach(tiny.BUILDERS[arch](), *kinds, head=True)
     tiny.perturb(model, seed=2, scale=0.3)
@@ -72,8 +85,18 @@ def alone(model: ph.ModularModel, batch: dict[str, torch.Tensor], params: list) 
 @pytest.mark.parametrize("kinds", KINDS)
 def test_per_example_gradients_equal_each_example_taken_alone(arch, microbatch, kinds):
     """Microbatches of 1, of the whole batch, and 3 + 1 examples."""
-    model = model_with(KINDS[kinds], arch).eval()
-    batch = labelled(arch)
+    check_per_example_gradients(model_with(KINDS[kinds], arch).eval(), labelled(arch), microbatch)
+
+
+def test_per_task_modules_train_on_their_own_tasks_examples(tokenizer, batches_seen):
+    model = model_with([ph.PerTask(ph.LoRA(r=2), tasks=("a", "b"))]).eval()
+    check_per_example_gradients(model, {**labelled(), "task_ids": torch.tensor([0, 1, 1, 0])}, microbatch=3)
+    run = fit_private(model, {"b": examples(20)}, tokenizer, Privacy(1.0, 1.0), steps=3, batch_size=8, progress=False)
+    assert run.sample_rate == 8 / 20
+    assert all(b is None or (b["task_ids"] == 1).all() for b in batches_seen) and any(batches_seen)
+
+
+def check_per_example_gradients(model: ph.ModularModel, batch: dict[str, torch.Tensor], microbatch: int) -> None:
     names, params = zip(*model.module_parameters())
     losses = set_grad_samples(model, batch, params, microbatch)
     want = alone(model, batch, params)
@@ -130,19 +153,11 @@ def test_training_changes_module_parameters_only_and_reports_the_rdp_epsilon(tok
                              "sample_rate": 0.2, "steps": 7, "accountant": "rdp", "sampling": "poisson"}
 
 
-def test_poisson_batches_vary_and_an_empty_one_is_a_noise_only_step(tokenizer):
-    """q = 1/40 over 40 examples: about a third of the batches are empty (loss NaN); the noise still moves θ."""
-    model = model_with(KINDS["lora"])
-    seen = []
-    original = set_grad_samples
-
-    def spy(model, batch, *rest):
-        seen.append(0 if batch is None else len(batch["labels"]))
-        return original(model, batch, *rest)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("pelthub.privacy.set_grad_samples", spy)
-        run = fit_private(model, examples(40), tokenizer, Privacy(1.0, 1.0), steps=12, batch_size=1, progress=False)
+def test_poisson_batches_vary_and_an_empty_one_is_a_noise_only_step(tokenizer, batches_seen):
+    """q = 1/40 over 40 examples: about a third of the batches are empty (loss NaN)."""
+    run = fit_private(model_with(KINDS["lora"]), examples(40), tokenizer, Privacy(1.0, 1.0), steps=12, batch_size=1,
+                      progress=False)
+    seen = [0 if b is None else len(b["labels"]) for b in batches_seen]
     assert 0 in seen and len(set(seen)) > 1
     assert [math.isnan(x) for x in run.losses] == [n == 0 for n in seen]
 
