@@ -118,6 +118,7 @@ def test_routed_methods_compile_to_one_graph_equal_eager_and_new_task_ids_compil
                                        rtol=1e-5, atol=1e-5)
             if i == 0:
                 assert backend.graphs == 1  # no graph break in any routed layer
+    assert model.ctx._traced is None  # the state dynamo traced through is not left behind for later calls
     # task ids are graph inputs: new ones of the same shape compile nothing. UniPELT compiles once more on
     # its second call, where its `gate_values` record (a dict dynamo guards on) is no longer empty.
     assert backend.graphs == (2 if kind == "unipelt" else 1)
