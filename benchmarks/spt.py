@@ -39,11 +39,10 @@ LENGTH, SHOTS, STEPS = 10, 32, 20
 @torch.no_grad()
 def retrieved_shares(lab: Lab, bank: ph.SPT, examples: list, names: tuple[str, ...]) -> dict[str, float]:
     """Share of `examples` whose first retrieved memory prompt is each source (retrieval never trains)."""
-    model = ph.attach(lab.base(2), bank.replace(top_k=1))
+    module = bank.replace(top_k=1).build(lab.base(2), None)   # the module alone: retrieval needs no model call
     enc = encode(lab.tokenizer, examples, lab.max_length)
     embeds = lab.base(2).get_input_embeddings()(enc["input_ids"])
-    chosen, _ = model.adapters["default"]["spt"].retrieve(embeds, enc["attention_mask"])
-    model.detach()
+    chosen, _ = module.retrieve(embeds, enc["attention_mask"])
     counts = Counter(names[i] for i in chosen[:, 0].tolist())
     return {n: counts[n] / len(examples) for n in names}
 
