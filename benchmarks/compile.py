@@ -127,7 +127,11 @@ def run(quick: bool = False, only: list[str] | None = None, clock: str = "wall")
     batch, length, repeats = (4, 32, 5) if quick else (16, 64, 10)
     print(f"torch.compile (inductor) vs eager, batch {batch} x {length}, MiniLM geometry, {clock} clock, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; {load_average()}", flush=True)
-    rows = [case(kind, batch, length, repeats, clock) for kind in (only or CASES)]
+    rows = []
+    for kind in only or CASES:  # a line per case: a full run takes a while on a loaded machine
+        rows.append(case(kind, batch, length, repeats, clock))
+        print(f"{kind}: {rows[-1]['graphs']} graph(s), {rows[-1]['breaks']} break(s), inference ratio "
+              f"{rows[-1]['ratio']:.2f}, training ratio {rows[-1]['train_ratio']:.2f}", flush=True)
     print(f"({load_average()} at the end)")
     print_table(rows, [("case", "kind"), ("graphs", "graphs per forward"), ("breaks", "graph breaks"),
                        ("recompiles", "recompiles (new task ids)"), ("compile_s", "compile s (first call)"),
