@@ -6,7 +6,8 @@
 - KAdaptation: W + s·Σ A_i ⊗ u_i v_iᵀ (torch.kron here) and b written into a copy of the base.
 - VPT: the ViT forward run layer by layer by hand, P_i put in place before layer i.
 Each kind: bare base at init (bit-exact where the method is the identity), registry round trip,
-PEFT export and per-task batches refused with a message.
+PEFT export (KAdaptation: for n > 1; n = 1 exports as LoKr, tests/test_kadaptation_lokr.py) and per-task
+batches refused with a message.
 """
 import copy
 
@@ -295,7 +296,10 @@ def test_kadaptation_round_trip_refusals_and_checks(tmp_path):
     saved = {id(p) for _, p in model.module_parameters()}
     assert all(id(a) in saved for a in model.adapters["default"]["kadaptation"].slow.values())  # shared, saved once
     _round_trip(model, tiny.bert(), inputs, tmp_path)
-    _refusals(model, ph.KAdaptation(), tmp_path)
+    with pytest.raises(ConfigError, match="n=2 of them.*format='pelthub'"):  # n = 1 exports: test_kadaptation_lokr
+        export(model, tmp_path / "peft")
+    with pytest.raises(ConfigError, match="PerTask.modules must be one config per kind"):
+        PerTask(ph.KAdaptation(), tasks=["a", "b"])
     with pytest.raises(ConfigError, match="KAdaptation.a=5 must divide"):
         ph.attach(tiny.bert(), ph.KAdaptation(a=5))
     with pytest.raises(ConfigError, match="KAdaptation.n must be an integer"):

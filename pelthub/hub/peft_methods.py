@@ -16,6 +16,10 @@ tests/test_peft_interop.py):
   reparameterised pelthub prefix is exported as the prefix its MLP computes,
   which is what PEFT saves too.
 - Poly: see peft_poly.py.
+- KAdaptation (n = 1) → LoKr: pelthub's ΔW (in, out) = s·A ⊗ (u vᵀ) is, as PyTorch's (out, in)
+  weight, s·Aᵀ ⊗ (v uᵀ) = (α/r)·kron(w1, w2) with w1 = Aᵀ, w2 = v uᵀ (w2_a = v, w2_b = uᵀ),
+  r = 1, α = s and decompose_factor = a (PEFT then splits out = a·out/a, in = a·in/a). PEFT
+  stores w2 whole instead when max(in/a, out/a) ≤ 2r. Export only.
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ from . import peft_poly
 
 PREFIX = "base_model.model."
 CONV1D_TYPES = {"gpt2"}  # families whose linear layers are transformers' Conv1D (PEFT's fan_in_fan_out)
-PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING", "poly": "POLY"}
+PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING", "poly": "POLY",
+              "kadaptation": "LOKR"}
 PROMPT_LEARNING = {"prompt", "prefix"}
 Tensors = dict[str, torch.Tensor]
 
@@ -100,6 +105,38 @@ def to_poly(config: dict[str, Any], own: Tensors, fp: dict[str, Any]) -> tuple[d
     return fields, peft_poly.to_peft_state_dict(module)
 
 
+def to_kadaptation(config: dict[str, Any], own: Tensors, fp: dict[str, Any]) -> tuple[dict[str, Any], Tensors]:
+    if config["n"] != 1:
+        raise ConfigError(f"PEFT's LoKr holds one Kronecker product per layer; this KAdaptation sums n={config['n']} "
+                          "of them, so it cannot be exported to PEFT (use n=1, or format='pelthub')")
+    if fp.get("model_type") in CONV1D_TYPES:
+        raise ConfigError(f"PEFT's LoKr adapts nn.Linear layers; {fp['model_type']} uses Conv1D layers, so this "
+                          "KAdaptation module cannot be exported to PEFT (use format='pelthub')")
+    sites = sorted({site_name(k.split(".")[1]) for k in own if k.startswith("layers.")})
+    target = _site_targets(config["targets"] or (), "lora", sites, fp.get("model_type") or "", "KAdaptation")
+    slow = {s: own[f"slow.{site_key(target[s])}"][0] for s in sites}  # (a, a)
+    sizes = sorted({a.shape[0] for a in slow.values()})
+    if len(sizes) > 1:
+        raise ConfigError(f"PEFT's LoKr splits every layer by one decompose_factor; this KAdaptation's targets use "
+                          f"slow sizes a={sizes}: export one with a single a (set KAdaptation.a)")
+    biased = [s for s in sites if own[f"layers.{site_key(s)}.bias"].any()]
+    if biased:
+        raise ConfigError(f"PEFT's LoKr has no bias; this KAdaptation's bias b is nonzero at {biased[:3]}, so it "
+                          "cannot be exported to PEFT (train it with the bias at zero, or use format='pelthub')")
+    state = {}
+    for s in sites:
+        u, v = own[f"layers.{site_key(s)}.u"][0], own[f"layers.{site_key(s)}.v"][0]
+        state[f"{PREFIX}{s}.lokr_w1"] = slow[s].T
+        if max(len(u), len(v)) > 2:  # r = 1 < max(in/a, out/a) / 2: PEFT's LoKr keeps w2 as w2_a @ w2_b
+            state.update({f"{PREFIX}{s}.lokr_w2_a": v[:, None], f"{PREFIX}{s}.lokr_w2_b": u[None, :]})
+        else:
+            state[f"{PREFIX}{s}.lokr_w2"] = torch.outer(v, u)
+    fields = {"r": 1, "alpha": config["scale"], "decompose_factor": sizes[0], "decompose_both": False,
+              "target_modules": sites, "rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False,
+              "init_weights": True}
+    return fields, state
+
+
 def _prompt_fields(length: int, fp: dict[str, Any]) -> dict[str, Any]:
     return {"num_virtual_tokens": length, "num_transformer_submodules": 1, "num_layers": fp["layers"],
             "num_attention_heads": fp["heads"]}
@@ -115,17 +152,20 @@ def _sites(own: Tensors) -> list[str]:
 
 
 def _ia3_inputs(config: dict[str, Any], sites: list[str], model_type: str) -> dict[str, bool]:
-    """Which sites IA3 scales on the input, found as IA3.build finds them (on a skeleton of the sites)."""
+    """Which sites IA3 scales on the input."""
+    target = _site_targets(config["targets"] or (), "ia3", sites, model_type, "IA3")
+    return {s: target[s] in config["feedforward"] for s in sites}
+
+
+def _site_targets(targets: tuple[str, ...], default: str, sites: list[str], model_type: str,
+                  what: str) -> dict[str, str]:
+    """The target each site was adapted for, found as the module's build finds them (on a skeleton of the sites)."""
     finder = Sites(_Skeleton(model_type, sites))
-    on_input: dict[str, bool] = {}
-    for target in config["targets"] or finder.default_targets("ia3"):
-        for name in finder.find(target):
-            if name in sites:
-                on_input[name] = target in config["feedforward"]
-    missing = [s for s in sites if s not in on_input]
+    found = {name: t for t in targets or finder.default_targets(default) for name in finder.find(t) if name in sites}
+    missing = [s for s in sites if s not in found]
     if missing:
-        raise ModuleFormatError(f"IA3 sites {missing[:3]} match none of its targets {config['targets']}")
-    return on_input
+        raise ModuleFormatError(f"{what} sites {missing[:3]} match none of its targets {targets}")
+    return found
 
 
 class _Skeleton(nn.Module):
@@ -143,7 +183,8 @@ class _Skeleton(nn.Module):
 
 
 TO_PEFT: dict[str, Callable[..., tuple[dict[str, Any], Tensors]]] = {
-    "lora": to_lora, "ia3": to_ia3, "prompt": to_prompt, "prefix": to_prefix, "poly": to_poly}
+    "lora": to_lora, "ia3": to_ia3, "prompt": to_prompt, "prefix": to_prefix, "poly": to_poly,
+    "kadaptation": to_kadaptation}
 
 
 # ----- PEFT → pelthub -----

@@ -12,7 +12,8 @@ official code reuses the query's factors for the value branch and zero-initialis
 (so no gradient ever reaches them); neither is reproduced here.
 
 The update is linear: merging writes W + s·ΔW and b₀ + b. n = 1 is one Kronecker product,
-PEFT's LoKr with full factors; pelthub does not export it to PEFT.
+PEFT's LoKr: export(format="peft") writes it as LoKr when b = 0 and every target shares one a
+(mapping in pelthub/hub/peft_methods.py), and refuses it otherwise.
 """
 from __future__ import annotations
 
