@@ -42,13 +42,10 @@ def doctor(quick: bool = False) -> int:
 
 
 __all__ = [
-    "AttentionMix", "Arrow", "Average", "Bottleneck", "Compacter", "DSEE", "GenerativeExample",
-    "HyperPrompt", "Hyperformer", "IA3", "KAdaptation",
-    "LNTuning", "LST", "LoRA", "MAM", "ModularModel", "PeltError", "PerTask", "Poly", "Prefix", "Privacy",
-    "Projector",
-    "ProjectorConfig", "Prompt", "Registry", "SPT", "SaveModulesCallback", "Stack", "UniPELT", "VPT", "WeightedSum",
-    "__version__", "as_examples", "attach",
-    "choice_batches", "compose", "doctor", "evaluate", "fit_private", "from_pretrained", "generate_texts", "hotswap",
-    "merge",
-    "merge_prefixes", "project_prompts", "rank_sources", "recycle", "search_weights", "tfew_ia3", "tfew_loss", "train_projector",
+    "Arrow", "AttentionMix", "Average", "Bottleneck", "Compacter", "DSEE", "GenerativeExample", "HyperPrompt",
+    "Hyperformer", "IA3", "KAdaptation", "LNTuning", "LST", "LoRA", "MAM", "ModularModel", "PeltError", "PerTask",
+    "Poly", "Prefix", "Privacy", "Projector", "ProjectorConfig", "Prompt", "Registry", "SPT", "SaveModulesCallback",
+    "Stack", "UniPELT", "VPT", "WeightedSum", "__version__", "as_examples", "attach", "choice_batches", "compose",
+    "doctor", "evaluate", "fit_private", "from_pretrained", "generate_texts", "hotswap", "merge", "merge_prefixes",
+    "project_prompts", "rank_sources", "recycle", "search_weights", "tfew_ia3", "tfew_loss", "train_projector",
 ]
