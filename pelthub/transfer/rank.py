@@ -13,6 +13,15 @@ its own trained head) on the target data, scored by LEEP or by LEEP minus its va
 the target labels permuted (`metrics`); no target prompt is tuned, and candidates without
 a trained head are excluded with the reason.
 
+Two naive baselines rank too, since a metric is only worth its cost where it beats them
+(`benchmarks/real_evidence.py` measures all of them side by side):
+
+    source_accuracy  = the source's own held-out accuracy recorded on its registry card
+                       (`metrics={"accuracy": …}` at `Registry.add`); it ignores the target
+    embedding_cosine = cos(ē_target, ē_source), ē = mean over a dataset of its inputs'
+                       normalised mean-pooled last hidden states (`transfer.embedding`);
+                       it reads inputs only, from `source_data={name: examples}`
+
 Activation metrics run every candidate (and the target) through the frozen
 base in stacked forwards, `chunk` prompts at a time.
 """
@@ -36,6 +45,7 @@ from ..tasks import Example, as_examples
 from ..tasks.generative import is_generative
 from ..training import fit, mean_loss, probabilities
 from .activations import prompt_activations
+from .embedding import dataset_embedding
 from .generative import GENERATIVE_DEFAULT, GENERATIVE_METRICS, rank_generative
 from .generative import is_card as _is_card, named as _named
 from .methods import prompt_module, prompt_tensor
@@ -44,6 +54,7 @@ from .metrics import ACTIVATION_METRICS, Layers, adjusted_leep, leep, score_matr
 METRICS = ("on", "activation_cosine", "cosine_avg", "cosine_tokens", "euclidean", "zero_shot", "leep",
            "adjusted_leep")
 HEAD_METRICS = {"leep": leep, "adjusted_leep": adjusted_leep}  # read each source's own head; tune no target
+BASELINE_METRICS = ("source_accuracy", "embedding_cosine")  # naive: the target's labels are never read
 TARGET_NAME = "rank-target"
 
 
@@ -129,7 +140,8 @@ def rank_sources(base: nn.Module, target_data: Any, candidates: Any, metric: str
                  batch_size: int = 16, lr: float = 0.03, layers: Layers = None, position: str = "filler",
                  registry: Any = None, eval_examples: int = 128, chunk: int = 64, seed: int = 0,
                  target_seeds: int = 1, max_length: int = 64, progress: bool = False, split: str | None = None,
-                 columns: Mapping[str, str | None] | None = None, shortlist: int | None = None) -> Ranking:
+                 columns: Mapping[str, str | None] | None = None, shortlist: int | None = None,
+                 source_data: Mapping[str, Any] | None = None) -> Ranking:
     """Score every candidate source prompt for the target task and sort them, best first.
 
     Generative targets (`GenerativeExample`s, or rows with input and target columns) are ranked by
@@ -149,7 +161,9 @@ def rank_sources(base: nn.Module, target_data: Any, candidates: Any, metric: str
     of any label count (registry entries and ModularModels trained with head=True; others land
     in `Ranking.excluded`), and tune no target: one forward pass over `eval_examples` target
     examples per candidate. Bare prompt tensors need metric="zero_shot" (the next best) or
-    another prompt metric.
+    another prompt metric. The naive baselines (module docstring): "source_accuracy" reads each
+    registry card's recorded accuracy; "embedding_cosine" needs `source_data={candidate name:
+    its training examples}`. Candidates lacking what they read land in `Ranking.excluded`.
 
     base: the plain sequence-classification model (its head's label count fits
     `target_data`). target_data: a list of `Example`, a 🤗 `datasets.Dataset`, or a
@@ -179,8 +193,8 @@ def rank_sources(base: nn.Module, target_data: Any, candidates: Any, metric: str
                                _tokenizer(base, tokenizer), registry, eval_examples, batch_size, max_length, chunk,
                                shortlist, columns, progress)
     metric = metric or "adjusted_leep"
-    if metric not in METRICS:
-        raise ConfigError(f"unknown metric {metric!r}; choose one of {list(METRICS)}"
+    if metric not in METRICS + BASELINE_METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; choose one of {list(METRICS + BASELINE_METRICS)}"
                           + (" (generative metrics need GenerativeExample targets)" if metric in GENERATIVE_METRICS
                              else ""))
     if shortlist is not None:
@@ -197,6 +211,14 @@ def rank_sources(base: nn.Module, target_data: Any, candidates: Any, metric: str
                           f"got {target_seeds!r}")
     if not owned and target.base is not base:
         check_compatible(base_model_info(target.base), base, "the target model")
+    if source_data is not None and metric != "embedding_cosine":
+        raise ConfigError(f"source_data= is read by metric='embedding_cosine' only, not by {metric!r}")
+    if metric in BASELINE_METRICS:
+        if target is not None:
+            raise ConfigError(f"{metric} is a naive baseline that tunes no target; pass no target=")
+        return _rank_by_baseline(metric, base, target_data, candidates, _tokenizer(base, tokenizer)
+                                 if metric == "embedding_cosine" else None, registry, source_data, max_length,
+                                 progress)
     if metric in HEAD_METRICS:
         if target is not None:
             raise ConfigError(f"{metric} reads each source's own head on the target data and tunes no target; "
@@ -265,6 +287,36 @@ def _rank_by_head(metric: str, base: nn.Module, data: list[Example], candidates:
                     model.detach()
         except (IncompatibleModuleError, ConfigError) as e:
             excluded.append((name, str(e)))
+    rows = sorted(scores.items(), key=lambda r: (-r[1], r[0]))
+    return Ranking(metric, rows, excluded, {n: modules[n] for n, _ in rows})
+
+
+def _rank_by_baseline(metric: str, base: nn.Module, data: Sequence[Example], candidates: Any, tokenizer: Any,
+                      registry: Any, source_data: Mapping[str, Any] | None, max_length: int, progress: bool
+                      ) -> Ranking:
+    """Prompt candidates scored by a naive baseline: the accuracy on their registry cards, or the cosine of
+    their training inputs' dataset embedding with the target's."""
+    if metric == "embedding_cosine" and not isinstance(source_data, Mapping):
+        raise ConfigError("metric='embedding_cosine' compares datasets: pass source_data={candidate name: its "
+                          f"training examples}}, got {type(source_data).__name__}")
+    prompts, modules, excluded = resolve(base, candidates, registry, progress)
+    given = dict(_named(candidates))
+    scores: dict[str, float] = {}
+    mine = dataset_embedding(base, data, tokenizer, max_length=max_length) if metric == "embedding_cosine" else None
+    for name in prompts:
+        if metric == "source_accuracy":
+            value = given[name]
+            card = value if _is_card(value) else registry.get(value) if isinstance(value, str) else None
+            recorded = card.metrics.get("accuracy") if card is not None else None
+            if not isinstance(recorded, (int, float)) or not math.isfinite(recorded):
+                excluded.append((name, "no accuracy recorded: register the source with metrics={'accuracy': ...}"))
+                continue
+            scores[name] = float(recorded)
+        elif name not in source_data:
+            excluded.append((name, "no entry in source_data: its training examples are needed"))
+        else:
+            theirs = dataset_embedding(base, source_data[name], tokenizer, max_length=max_length)
+            scores[name] = float(nn.functional.cosine_similarity(mine, theirs, dim=0))
     rows = sorted(scores.items(), key=lambda r: (-r[1], r[0]))
     return Ranking(metric, rows, excluded, {n: modules[n] for n, _ in rows})
 
