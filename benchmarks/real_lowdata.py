@@ -125,9 +125,13 @@ def methods(lab: Lab, sources: Sources, registry: ph.Registry, poly: tuple[tuple
         model = lab.model(task.num_labels, seed, ph.LoRA(r=8, targets=("q", "v")))
         return lab.score(lab.train(model, task.train, steps, seed, lr=LORA_LR), held_out(task))
 
+    last: list = [None, None]   # (task, its ranking): SPoT and ATTEMPT of one draw share one ranking
+
     def ranked(task: Task) -> ph.Ranking:
-        return rank_sources(lab.base(task.num_labels), task.train, sources.prompts, tokenizer=lab.tokenizer,
-                            registry=registry, max_length=lab.max_length)
+        if last[0] is not task:
+            last[:] = task, rank_sources(lab.base(task.num_labels), task.train, sources.prompts,
+                                         tokenizer=lab.tokenizer, registry=registry, max_length=lab.max_length)
+        return last[1]
 
     def spot(task: Task, seed: int) -> float:
         ranking = ranked(task)

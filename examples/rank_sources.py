@@ -4,10 +4,9 @@
     python examples/rank_sources.py --tiny    # a tiny random BERT built from a config (seconds; for tests)
 
 Three source prompts are trained with their heads and kept in a registry. For the target
-task (a few hotel reviews) `rank_sources` runs every candidate as it is (its prompt and its
-own head) on the target examples and scores it by adjusted LEEP, how much better its
-predictions, mapped to the target's labels, explain them than they explain shuffled labels
-(the default metric; topic_news's head has 4 labels, which LEEP maps onto the target's 2);
+task (a few hotel reviews) `rank_sources` briefly tunes a target prompt and head on the
+target examples, then scores every candidate by zero_shot (the default metric): the
+likelihood of the target labels with the candidate's prompt in place of the target's;
 the best candidate then initialises the target prompt (`init_from`) before training.
 The registry lives in $PELTHUB_HOME when set, else in a temporary folder.
 """

@@ -7,10 +7,11 @@ helps.
 1. Train a soft prompt and a LoRA for each source task and keep them in the registry (a second run
    reuses them).
 2. Per seed (a fresh few-shot draw of the held-out target), rank the source prompts before training
-   on the target by adjusted LEEP (each source prompt with its own head, as it is, on the target's
-   few examples, minus the same with the labels permuted: the default of `rank_sources`), and, as the
-   naive baseline a ranking must beat, by dataset-embedding cosine (mean sentence embedding of the
-   source's inputs vs the target's).
+   on the target by zero_shot (the default of `rank_sources`: a target prompt briefly tuned on the
+   few examples, then the likelihood of their labels with each source prompt in its place), by
+   adjusted LEEP (each source prompt with its own head, as it is, minus the same with the labels
+   permuted), and, as the naive baseline a ranking must beat, by dataset-embedding cosine (mean
+   sentence embedding of the source's inputs vs the target's).
 3. Solve the target by prompt tuning from scratch and by SPoT from every source (its prompt, and its
    head where its label names are the target's): the gain each source actually gives, which judges
    both rankings by Spearman ρ and top-1 regret (best gain − gain of the pick); SPoT from the
@@ -259,16 +260,18 @@ def run(args: argparse.Namespace) -> dict[str, list[tuple[float, int, float]]]:
     heads = {t.name: demo.head(refs[t.name], t.num_labels) for t in sources if t.label_names == labels}
     embedded = {t.name: dataset_embedding(demo.base(2), t.train, demo.tokenizer) for t in sources}
 
-    leep, cosine, spots, scratch, entropies = [], [], [], [], []
+    default, leep, cosine, spots, scratch, entropies = [], [], [], [], [], []
     for seed in range(args.seed, args.seed + args.seeds):
         demo.seed = seed
         target = target_task(args, seed)
         ranking = ph.rank_sources(demo.base(target.num_labels), target.train, refs, tokenizer=demo.tokenizer,
-                                  registry=demo.registry)
+                                  registry=demo.registry, seed=seed)
         mine = dataset_embedding(demo.base(2), target.train, demo.tokenizer)
-        leep.append(dict(ranking.rows))
+        default.append(dict(ranking.rows))
+        leep.append(dict(ph.rank_sources(demo.base(target.num_labels), target.train, refs, "adjusted_leep",
+                                         tokenizer=demo.tokenizer, registry=demo.registry).rows))
         cosine.append({n: float(torch.nn.functional.cosine_similarity(mine, e, dim=0)) for n, e in embedded.items()})
-        print(f"\n2. seed {seed}: sources ranked for {target.name} ({len(target.train)} examples) by adjusted LEEP"
+        print(f"\n2. seed {seed}: sources ranked for {target.name} ({len(target.train)} examples) by zero_shot"
               f"\n{ranking.table()}\n\n3. seed {seed}: solving {target.name}")
         spot, models = solve(demo, sources, target, ranking, loras, heads)
         spots.append(spot)
@@ -286,7 +289,8 @@ def run(args: argparse.Namespace) -> dict[str, list[tuple[float, int, float]]]:
         print(f"| {label} | {fmt_ci(mean, half)} | {fmt_ci(*diffs[label], signed=True)} | {runs[0][1]:,} | "
               f"{sum(r[2] for r in runs) / len(runs):.0f} s |")
     print("\nranking quality against the SPoT gains measured above (per seed, mean ± 95% CI; a random order has "
-          f"ρ 0):\n  {ranking_quality('adjusted LEEP (the default)', leep, spots, scratch)}\n  "
+          f"ρ 0):\n  {ranking_quality('zero_shot (the default)', default, spots, scratch)}\n  "
+          f"{ranking_quality('adjusted LEEP', leep, spots, scratch)}\n  "
           f"{ranking_quality('dataset-embedding cosine (naive baseline)', cosine, spots, scratch)}\n"
           f"ATTEMPT attention entropy / ln(S+1) on the last test batch (1 = uniform): "
           f"{fmt_ci(*mean_ci(entropies)[:2])}\n\n{text}")

@@ -71,7 +71,8 @@ def test_the_demo_runs_on_real_tasks_and_a_second_run_reuses_its_sources(tmp_pat
     assert first.out.count(" trained demo-") == 2 * len(SOURCES) and " reused " not in first.out
     assert all(len(r) == 2 for r in runs.values()) and set(demo.SCRATCH) <= set(runs)
     assert "SPoT from the best-ranked source" in runs and "Poly LoRA, 3 tasks" in runs   # wn_topics, deb_sections
-    assert "adjusted LEEP (the default): ρ" in first.out and "dataset-embedding cosine" in first.out
+    assert "zero_shot (the default): ρ" in first.out and "adjusted LEEP: ρ" in first.out
+    assert "dataset-embedding cosine" in first.out
     assert re.search(r"^Against .* from it\.$", first.out, re.M)
     assert (tmp_path / "out" / "routing.png").is_file() and (tmp_path / "out" / "transfer.png").is_file()
     demo.run(args)

@@ -1,6 +1,6 @@
 """`pelthub rank`: rank the registry's soft prompts for a new task's data.
 
-    pelthub rank --base MODEL --target DATA [--split S] [--column ROLE=NAME] [--metric adjusted_leep] [--top 5] [--json]
+    pelthub rank --base MODEL --target DATA [--split S] [--column ROLE=NAME] [--metric zero_shot] [--top 5] [--json]
 
 DATA is a .jsonl or .csv file (fields text, label, optional text_pair) or a folder written by
 `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (with --split; columns found by name or set
@@ -59,14 +59,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--column", action="append", default=[], metavar="ROLE=NAME",
                    help="which column of a saved dataset is the text, text_pair or label (repeat); default: "
                         "found by the usual names")
-    p.add_argument("--metric", default="adjusted_leep", choices=METRICS,
-                   help="transferability metric (default: adjusted_leep, chosen by the transfer study; it reads each "
-                        "source's own head, so entries saved without one need --metric zero_shot)")
+    p.add_argument("--metric", default="zero_shot", choices=METRICS + ("source_accuracy",),
+                   help="transferability metric (default: zero_shot, the one above random order in both the real-text "
+                        "and the synthetic study; adjusted_leep reads each source's own head and tunes nothing; "
+                        "source_accuracy reads the accuracy on each registry card)")
     p.add_argument("--top", type=int, default=None, metavar="K", help="show only the K best")
     p.add_argument("--source", action="append", default=[], metavar="REF",
                    help="rank only these registry refs (repeat); default: every prompt module for the base")
     p.add_argument("--steps", type=int, default=50, help="prompt-tuning steps for the target's task prompt "
-                                                         "(not for the leeps)")
+                                                         "(not for the leeps or source_accuracy)")
     p.add_argument("--lr", type=float, default=0.03, help="learning rate of the target's task prompt")
     p.add_argument("--layers", help="ON / activation_cosine layer window: START:STOP or a comma list")
     p.add_argument("--seed", type=int, default=0)
