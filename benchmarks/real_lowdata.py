@@ -41,10 +41,11 @@ import torch
 import pelthub as ph
 from benchmarks.common import load_average, setup
 from benchmarks.real_evidence import Lab, held_out, run_seed
+from pelthub.demo import frozen_modules
 from pelthub.routing import add_task
 from pelthub.tasks import Task
 from pelthub.tasks.real import load_real_task
-from pelthub.training import accuracy, batches, fit
+from pelthub.training import accuracy, batches
 from pelthub.transfer import init_from, rank_sources
 from pelthub.transfer.stats import fmt_ci, mean_ci
 
@@ -98,8 +99,7 @@ class Sources:
 
 def head_only(lab: Lab, task: Task, seed: int, steps: int) -> ph.ModularModel:
     """The plain model with only a trained head: a fresh IA3 is the identity, and it is frozen."""
-    model = lab.model(task.num_labels, seed, ph.IA3(targets=("q",)))
-    model.adapters.requires_grad_(False)
+    model = frozen_modules(lab.model(task.num_labels, seed, ph.IA3(targets=("q",))))
     return lab.train(model, task.train, steps, seed, lr=LORA_LR)
 
 

@@ -115,6 +115,11 @@ def stored(registry: "Registry", ref: str) -> Signature | None:
     return signature
 
 
+def stored_by_weights(root: Path) -> dict[str, Signature]:
+    """{weights sha256: signature} of every module the registry at `root` holds a signature for, in one query."""
+    return _read(root)
+
+
 def _read(root: Path, where: str = "", args: tuple = ()) -> dict[str, Signature]:
     """{weights sha256: signature} of the rows selected."""
     with _connect(root) as db:
@@ -198,7 +203,7 @@ def search(registry: "Registry", examples: Sequence[str], tokenizer: Any, base_m
         base_model = base_model.base
     cards = [c for c in registry.search(kind="lora", base_model=base_model, compatible_only=True)
              if c.kinds == ["lora"]]
-    signatures, refs, excluded, known = [], [], [], _read(registry.root)
+    signatures, refs, excluded, known = [], [], [], stored_by_weights(registry.root)
     for card in cards:
         sig = known.get(card.files[WEIGHTS_FILE]["sha256"]) or stored(registry, card.ref)
         if sig:

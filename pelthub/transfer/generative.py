@@ -69,8 +69,7 @@ from ..modules.base import PeltModule, site_name
 from ..modules.lora import LoRAModule, top_right_singular
 from ..modules.prompt import Prompt, PromptModule
 from ..registry import Ranking, require_registry
-from ..registry.signatures import WEIGHTS_FILE, Signature, stored, table
-from ..registry.signatures import _read as read_stored  # every stored signature in one query
+from ..registry.signatures import WEIGHTS_FILE, Signature, stored, stored_by_weights, table
 from ..tasks.generative import GenerativeExample, encode, generative_examples
 from .metrics import leep
 
@@ -320,7 +319,7 @@ def _shortlist(base: nn.Module, data: list[GenerativeExample], items: list[tuple
     """The k candidates of highest retrieval key, best first, and (name, reason) of those without one."""
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ConfigError(f"shortlist must be a positive int (how many candidates to score), got {k!r}")
-    stored_by_sha = read_stored(registry.root) if registry is not None else {}
+    stored_by_sha = stored_by_weights(registry.root) if registry is not None else {}
     cards = {c.ref: c for c in registry.search(kind="lora", base_model=base, compatible_only=True)} \
         if registry is not None else {}
     keyed, signatures, excluded = [], [], []
